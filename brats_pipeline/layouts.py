@@ -1,0 +1,91 @@
+"""The folder layouts in which the BraTS releases (and MSD Task01) ship, and the project's channel order.
+
+Every layout is described by a :class:`BratsLayout`: how a case folder is named, how each modality file
+inside it is named, and which suffix holds the label. The datalist builder recognises a layout from the
+folder names alone; the synthetic generator writes cases with the same definitions, so the two can never
+drift apart.
+
+Channel order: whatever the layout, images are stacked as ``CHANNELS = ("t1c", "t1", "t2", "flair")``
+(the order of the Model Zoo's ``brats_mri_segmentation`` bundle).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+#: the project's fixed channel order (canonical modality names)
+CHANNELS: tuple[str, ...] = ("t1c", "t1", "t2", "flair")
+
+#: human-readable names, for metadata and model cards
+CHANNEL_DESCRIPTIONS: dict[str, str] = {
+    "t1c": "T1-weighted, contrast enhanced (T1c / T1ce / T1Gd)",
+    "t1": "T1-weighted, native (T1 / T1n)",
+    "t2": "T2-weighted (T2 / T2w)",
+    "flair": "T2-FLAIR (FLAIR / T2f)",
+}
+
+
+@dataclass(frozen=True)
+class BratsLayout:
+    """One release's naming scheme.
+
+    Args:
+        name: layout id (``brats2018``, ``brats2020``, ``brats2021``, ``brats2023``, ``msd``).
+        case_pattern: regular expression a case folder name must match in full.
+        suffixes: canonical modality -> file suffix in this release (``"t1c" -> "t1ce"``).
+        separator: between the case id and the suffix (``_`` up to 2021, ``-`` from 2023).
+        label_convention: default label convention of the release (see :mod:`brats_pipeline.labels`).
+        parent_dirs: optional grade folders that hold the cases (``HGG``, ``LGG`` in 2018/2019).
+    """
+
+    name: str
+    case_pattern: str
+    suffixes: dict[str, str]
+    separator: str = "_"
+    label_suffix: str = "seg"
+    label_convention: str = "brats2018"
+    parent_dirs: tuple[str, ...] = field(default_factory=tuple)
+
+    def matches(self, case_name: str) -> bool:
+        return re.fullmatch(self.case_pattern, case_name) is not None
+
+    def filename(self, case_name: str, modality: str) -> str:
+        """File name of ``modality`` (canonical name or ``"seg"``) in case ``case_name``."""
+        suffix = self.label_suffix if modality == "seg" else self.suffixes[modality]
+        return f"{case_name}{self.separator}{suffix}.nii.gz"
+
+
+_LEGACY_SUFFIXES = {"t1c": "t1ce", "t1": "t1", "t2": "t2", "flair": "flair"}
+
+LAYOUTS: dict[str, BratsLayout] = {
+    "brats2018": BratsLayout(
+        name="brats2018",
+        case_pattern=r"Brats1[89]_.+",
+        suffixes=_LEGACY_SUFFIXES,
+        parent_dirs=("HGG", "LGG"),
+    ),
+    "brats2020": BratsLayout(
+        name="brats2020",
+        case_pattern=r"BraTS20_(Training|Validation|Testing)_\d+",
+        suffixes=_LEGACY_SUFFIXES,
+    ),
+    "brats2021": BratsLayout(
+        name="brats2021",
+        case_pattern=r"BraTS2021_\d+",
+        suffixes=_LEGACY_SUFFIXES,
+    ),
+    "brats2023": BratsLayout(
+        name="brats2023",
+        # GLI, MEN, MET, PED, SSA, ... sub-challenges share the scheme
+        case_pattern=r"BraTS-[A-Z]+-\d+-\d+",
+        suffixes={"t1c": "t1c", "t1": "t1n", "t2": "t2w", "flair": "t2f"},
+        separator="-",
+        label_convention="brats2023",
+    ),
+}
+
+#: Medical Segmentation Decathlon Task01_BrainTumour: one 4-D image per case, channels in this order
+MSD_CHANNELS: tuple[str, ...] = ("flair", "t1", "t1c", "t2")
+MSD_CASE_PATTERN = r"BRATS_\d+"
+MSD_LABEL_CONVENTION = "msd"
