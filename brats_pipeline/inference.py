@@ -1,0 +1,315 @@
+"""Inference for both bundles: whole-volume or sliding-window prediction, mirror-flip TTA and checkpoint ensembles.
+
+:class:`BratsInferer` is a :class:`monai.inferers.Inferer`, so a bundle config plugs it into a
+``SupervisedEvaluator`` as ``inferer``. It returns *probabilities*: the activation (sigmoid for the
+segresnet_vae bundle's three nested regions TC/WT/ET, softmax for the espnet3d bundle's four classes) is
+applied to every forward pass, and the probabilities are averaged over all ensemble members and all mirror
+flips, as in Myronenko 2018, Sec. 4 and Table 2 ("averaged the output of the resulting 8 flipped
+segmentation probability maps"; "ensembled a set of 10 models"). The post-processing chain therefore must
+not apply the activation again.
+
+Cropping to the brain is *not* done here: the bundles crop with MONAI's invertible ``CropForegroundd`` in
+the pre-processing and paste the prediction back with ``Invertd`` in the post-processing.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.data import MetaTensor
+from monai.inferers import Inferer, SimpleInferer, SlidingWindowInferer
+from monai.transforms import DivisiblePad
+from monai.utils import convert_to_dst_type
+
+logger = logging.getLogger(__name__)
+
+ACTIVATIONS: tuple[str, ...] = ("sigmoid", "softmax", "none")
+MODES: tuple[str, ...] = ("whole", "sliding_window")
+#: keys under which training scripts commonly nest the weights in a checkpoint file
+CHECKPOINT_STATE_KEYS: tuple[str, ...] = ("model", "network", "state_dict")
+
+
+def segmentation_output(output: Any) -> torch.Tensor:
+    """The segmentation logits of a network's output.
+
+    MONAI's ``SegResNetVAE`` returns ``(seg, vae_loss)`` (``vae_loss`` is ``None`` in eval mode), which
+    ``SlidingWindowInferer`` cannot stitch; the first element of a tuple/list output is taken as the logits.
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"expected the network to return a Tensor or a (Tensor, ...) tuple, got {type(output).__name__}")
+
+
+def load_state_dict_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read a model's weights from ``path``.
+
+    Accepts a raw ``state_dict`` (what MONAI's ``CheckpointSaver`` writes for a single-object ``save_dict``,
+    and the Model Zoo's ``models/model.pt``) or a dict nesting it under one of :data:`CHECKPOINT_STATE_KEYS`.
+    A ``module.`` prefix on every key (``DataParallel``/``DDP`` checkpoints) is dropped.
+    """
+    obj = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"{path}: expected a state_dict or a dict of state_dicts, got {type(obj).__name__}")
+    for key in CHECKPOINT_STATE_KEYS:
+        if isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    state = dict(obj)
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def _as_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    found = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(found, torch.dtype):
+        raise ValueError(f"unknown torch dtype {dtype!r}")
+    return found
+
+
+class BratsInferer(Inferer):
+    """Whole-volume or sliding-window inference with mirror-flip TTA and a checkpoint ensemble.
+
+    For an input batch ``(B, C_in, *spatial)`` the output is ``(B, C_out, *spatial)`` float32 probabilities::
+
+        mean over members m and flip sets S of  flip_S( activation( m( flip_S(inputs) ) ) )
+
+    where ``S`` runs over all ``2 ** len(tta_flip_axes)`` subsets of ``tta_flip_axes`` (8 for three axes,
+    the identity included) when ``tta`` is on, and is only the identity otherwise. The sum is accumulated in
+    place, so memory does not grow with the number of flips or members. The caller provides ``no_grad``/
+    ``inference_mode`` and ``eval()`` (``SupervisedEvaluator`` does both); ensemble members follow the
+    given network's train/eval mode and device.
+
+    Args:
+        activation: ``"sigmoid"`` (independent channels, e.g. the nested regions TC/WT/ET), ``"softmax"``
+            (mutually exclusive classes over channel dim 1) or ``"none"`` (average the raw outputs).
+        mode: ``"whole"``: one forward of the whole (brain-cropped) volume per member and flip, through
+            ``SimpleInferer``; ``"sliding_window"``: MONAI's ``SlidingWindowInferer`` with the ``roi_size``,
+            ``sw_batch_size``, ``overlap``, ``sw_mode``, ``sigma_scale``, ``padding_mode``, ``cval``,
+            ``sw_device``, ``device`` and ``progress`` arguments below (see its documentation).
+        roi_size: window size (sliding-window mode only; required there).
+        tta: average over the mirror flips of ``tta_flip_axes``.
+        tta_flip_axes: spatial axes (0 = first spatial axis, i.e. tensor dim 2) to flip.
+        ensemble_checkpoints: checkpoint files of further ensemble members. On the first call the given
+            network is deep-copied once per file and each copy loads that file's weights (a raw
+            ``state_dict`` or one nested under ``"model"``/``"network"``/``"state_dict"``); the copies are
+            cached for later calls with the same network.
+        include_given_network: whether the network passed to ``__call__`` (in a bundle: the evaluator's
+            network, loaded from ``models/model.pt``) is itself a member. Default ``True``: the checkpoints
+            are *extra* members, so adding ``ensemble_checkpoints`` never silently drops the model the bundle
+            ships. Set ``False`` when ``ensemble_checkpoints`` lists every member; listing the bundle's own
+            weights while this is ``True`` counts them twice (a warning says so).
+        strict_loading: passed to ``load_state_dict`` of the ensemble copies.
+        divisible_k: pad the input (constant ``cval``, symmetric) to a multiple of ``divisible_k`` per
+            spatial axis before the forward pass, for networks whose down/up-sampling needs it, and crop
+            the output back. ``1`` disables it. Padding is done once, before the flips.
+        amp: run the forward passes under ``torch.autocast`` (leave ``False`` when the evaluator's own
+            ``amp`` is on).
+        amp_dtype: autocast dtype; default ``float16`` on CUDA, ``bfloat16`` elsewhere.
+
+    Raises:
+        ValueError: for an unknown ``activation``/``mode``, a sliding window without ``roi_size``, repeated
+            flip axes, ``divisible_k < 1``, or an ensemble with no member.
+    """
+
+    def __init__(
+        self,
+        activation: str = "sigmoid",
+        mode: str = "whole",
+        roi_size: Sequence[int] | int | None = None,
+        sw_batch_size: int = 1,
+        overlap: Sequence[float] | float = 0.5,
+        sw_mode: str = "gaussian",
+        sigma_scale: Sequence[float] | float = 0.125,
+        padding_mode: str = "constant",
+        cval: float = 0.0,
+        sw_device: torch.device | str | None = None,
+        device: torch.device | str | None = None,
+        progress: bool = False,
+        tta: bool = False,
+        tta_flip_axes: Sequence[int] = (0, 1, 2),
+        ensemble_checkpoints: Sequence[str | Path] | None = None,
+        include_given_network: bool = True,
+        strict_loading: bool = True,
+        divisible_k: Sequence[int] | int = 1,
+        amp: bool = False,
+        amp_dtype: str | torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        axes = tuple(int(a) for a in tta_flip_axes)
+        if len(set(axes)) != len(axes) or any(a < 0 for a in axes):
+            raise ValueError(f"tta_flip_axes must be distinct non-negative spatial axes, got {tuple(tta_flip_axes)}")
+        ks = (divisible_k,) if isinstance(divisible_k, int) else tuple(divisible_k)
+        if any(int(k) < 1 for k in ks):
+            raise ValueError(f"divisible_k must be >= 1, got {divisible_k}")
+        self.checkpoints = [Path(p) for p in (ensemble_checkpoints or ())]
+        if not include_given_network and not self.checkpoints:
+            raise ValueError("include_given_network=False needs at least one path in ensemble_checkpoints")
+
+        self.activation = activation
+        self.mode = mode
+        self.tta = tta
+        self.tta_flip_axes = axes
+        self.include_given_network = include_given_network
+        self.strict_loading = strict_loading
+        self.divisible_k = divisible_k
+        self.cval = cval
+        self.amp = amp
+        self.amp_dtype = None if amp_dtype is None else _as_dtype(amp_dtype)
+
+        self.inferer: Inferer
+        if mode == "sliding_window":
+            if roi_size is None:
+                raise ValueError("mode='sliding_window' needs roi_size")
+            self.inferer = SlidingWindowInferer(
+                roi_size=roi_size,
+                sw_batch_size=sw_batch_size,
+                overlap=overlap,
+                mode=sw_mode,
+                sigma_scale=sigma_scale,
+                padding_mode=padding_mode,
+                cval=cval,
+                sw_device=sw_device,
+                device=device,
+                progress=progress,
+            )
+        else:
+            self.inferer = SimpleInferer()
+        self._padder = DivisiblePad(k=divisible_k, method="symmetric") if any(int(k) > 1 for k in ks) else None
+        self._members: list[nn.Module] = []
+        self._members_of: weakref.ReferenceType | None = None
+
+    @property
+    def flip_sets(self) -> list[tuple[int, ...]]:
+        """The spatial-axis subsets to flip, identity first (``2 ** len(tta_flip_axes)`` sets with TTA)."""
+        if not self.tta:
+            return [()]
+        n = len(self.tta_flip_axes)
+        return [s for r in range(n + 1) for s in itertools.combinations(self.tta_flip_axes, r)]
+
+    def ensemble(self, network: nn.Module) -> list[nn.Module]:
+        """The ensemble members for ``network``: itself (if included), then one copy per checkpoint."""
+        if self.checkpoints and (self._members_of is None or self._members_of() is not network):
+            self._members = self._load_members(network)
+            self._members_of = weakref.ref(network)
+        members = [network] if self.include_given_network else []
+        ref = next(network.parameters(), None)
+        for member in self._members:
+            member.train(network.training)
+            if ref is not None:
+                member.to(ref.device)
+        return members + self._members
+
+    def _load_members(self, network: nn.Module) -> list[nn.Module]:
+        # a normal (non-inference) tensor context, so the copies stay usable whatever context calls us
+        with torch.inference_mode(False), torch.no_grad():
+            given = {k: v.detach() for k, v in network.state_dict().items()}
+            members = []
+            for path in self.checkpoints:
+                state = load_state_dict_file(path)
+                member = copy.deepcopy(network)
+                member.load_state_dict(state, strict=self.strict_loading)
+                if self.include_given_network and _same_weights(state, given):
+                    logger.warning(
+                        "ensemble checkpoint %s holds the same weights as the given network, which is already a "
+                        "member (include_given_network=True): it is counted twice",
+                        path,
+                    )
+                logger.info("ensemble member %d loaded from %s", len(members) + 1, path)
+                members.append(member)
+        return members
+
+    def _autocast(self, device: torch.device):
+        if not self.amp:
+            return nullcontext()
+        dtype = self.amp_dtype or (torch.float16 if device.type == "cuda" else torch.bfloat16)
+        return torch.autocast(device_type=device.type, dtype=dtype)
+
+    def _activate(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if self.activation == "sigmoid":
+            return torch.sigmoid(logits)
+        if self.activation == "softmax":
+            return torch.softmax(logits, dim=1)
+        return logits
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Probabilities ``(B, C_out, *spatial)`` (float32) for ``inputs`` ``(B, C_in, *spatial)``.
+
+        ``args``/``kwargs`` are passed on to every network call. The result is a ``MetaTensor`` carrying the
+        input's metadata when the input is one, as with MONAI's own inferers.
+        """
+        x = inputs.as_tensor() if isinstance(inputs, MetaTensor) else torch.as_tensor(inputs)
+        spatial_dims = x.ndim - 2
+        if any(a >= spatial_dims for a in self.tta_flip_axes) and self.tta:
+            raise ValueError(f"tta_flip_axes {self.tta_flip_axes} do not fit {spatial_dims} spatial dims")
+        spatial_shape = x.shape[2:]
+        crop = None
+        if self._padder is not None:
+            widths = self._padder.compute_pad_width(spatial_shape)[1:]
+            if any(w for pair in widths for w in pair):
+                flat = [w for pair in reversed(widths) for w in pair]
+                x = F.pad(x, flat, mode="constant", value=self.cval)
+                crop = (slice(None), slice(None)) + tuple(
+                    slice(lo, lo + size) for (lo, _), size in zip(widths, spatial_shape, strict=True)
+                )
+
+        if isinstance(network, nn.Module):
+            members = self.ensemble(network)
+        elif self.checkpoints:
+            raise TypeError("an ensemble of checkpoints needs an nn.Module network to copy")
+        else:
+            members = [network]
+        total: torch.Tensor | None = None
+        count = 0
+        for member in members:
+
+            def forward(t: torch.Tensor, *a: Any, _m: Callable[..., Any] = member, **kw: Any) -> torch.Tensor:
+                return segmentation_output(_m(t, *a, **kw))
+
+            for flip in self.flip_sets:
+                dims = [a + 2 for a in flip]
+                xin = torch.flip(x, dims) if dims else x
+                with self._autocast(x.device):
+                    logits = self.inferer(xin, forward, *args, **kwargs)
+                if isinstance(logits, MetaTensor):
+                    logits = logits.as_tensor()
+                prob = self._activate(logits)
+                if dims:
+                    prob = torch.flip(prob, dims)
+                total = prob if total is None else total.add_(prob)
+                count += 1
+        assert total is not None
+        out = total.div_(count)
+        if crop is not None:
+            out = out[crop].contiguous()
+        if isinstance(inputs, MetaTensor):
+            out = convert_to_dst_type(out, MetaTensor([]).copy_meta_from(inputs, copy_attr=False))[0]
+        return out
+
+
+def _same_weights(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> bool:
+    if a.keys() != b.keys():
+        return False
+    return all(a[k].shape == b[k].shape and torch.equal(a[k].to(b[k].device, b[k].dtype), b[k]) for k in a)
+
+
+__all__ = ["BratsInferer", "segmentation_output", "load_state_dict_file", "ACTIVATIONS", "MODES"]
