@@ -1,0 +1,1 @@
+"""Loss functions of the BraTS bundles, one module per paper."""
