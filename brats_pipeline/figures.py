@@ -1,0 +1,380 @@
+"""Figures: segmentation overlays in the style of the seed paper's Fig. 2, and training curves.
+
+* :func:`overlay_figure`: axial, sagittal and coronal T1c slices through the tumor's center with the
+  predicted labels (and the reference labels in a second row) in the BraTS colors: necrosis / non-enhancing
+  core red, edema green, enhancing tumor yellow (Myronenko 2018, Fig. 2; ITK-SNAP's default label colors).
+* :func:`training_curves_figure`: loss terms and Dice per region against the logged step, read from the
+  TensorBoard event files that MONAI's ``TensorBoardStatsHandler`` writes.
+
+Command line::
+
+    python -m brats_pipeline.figures curves LOG_DIR OUT.png [--smoothing 0.6]
+    python -m brats_pipeline.figures overlay IMAGE PRED OUT.png [--ref REF] [--convention brats2023]
+
+``IMAGE`` is the T1c NIfTI, a BraTS case folder (its T1c file is found by name) or a 4-D NIfTI (``--channel``,
+default the T1c channel of MSD's order). Drawing uses matplotlib's Agg canvas directly: importing this module does
+not change the pyplot backend. PNGs are written atomically (temp file + ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from monai.config import NdarrayOrTensor
+from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation
+from scipy import ndimage
+
+from brats_pipeline.labels import LabelConvention, label_to_classes
+from brats_pipeline.layouts import LAYOUTS, MSD_CHANNELS
+
+#: BraTS overlay colors (RGB) of the contiguous classes of :data:`brats_pipeline.labels.CLASSES`
+BRATS_PALETTE: dict[str, tuple[float, float, float]] = {
+    "necrosis": (1.0, 0.0, 0.0),  # red: NCR/NET (2018), NETC (2023)
+    "edema": (0.0, 1.0, 0.0),  # green: ED (2018), SNFH (2023)
+    "enhancing": (1.0, 1.0, 0.0),  # yellow: ET
+}
+LEGEND_NAMES: dict[str, str] = {
+    "necrosis": "necrosis / non-enhancing core",
+    "edema": "edema",
+    "enhancing": "enhancing tumor",
+}
+#: panel order of :func:`overlay_figure`
+VIEWS: tuple[str, ...] = ("axial", "sagittal", "coronal")
+EVENT_FILE_GLOB = "events.out.tfevents.*"
+
+
+def _save_png(fig: Figure, out_path: str | os.PathLike, dpi: int) -> Path:
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        FigureCanvasAgg(fig)
+        fig.savefig(tmp, format="png", dpi=dpi, facecolor=fig.get_facecolor())
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _to_ras(arr: np.ndarray, ornt: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(apply_orientation(arr, ornt))
+
+
+def _slices(vol: np.ndarray, center: Sequence[int], spacing: Sequence[float]) -> dict[str, tuple[np.ndarray, float]]:
+    """RAS volume -> 2-D views in radiological display (patient's right on the image's left, anterior/superior up)
+    with the pixel aspect (height / width in mm)."""
+    i, j, k = center
+    sx, sy, sz = spacing
+    return {
+        "axial": (vol[::-1, ::-1, k].T, sy / sx),  # rows: anterior -> posterior, cols: right -> left
+        "sagittal": (vol[i, ::-1, ::-1].T, sz / sy),  # rows: superior -> inferior, cols: anterior -> posterior
+        "coronal": (vol[::-1, j, ::-1].T, sz / sx),  # rows: superior -> inferior, cols: right -> left
+    }
+
+
+#: edge letters of each view: (top, bottom, left, right)
+_EDGE_LETTERS = {"axial": "APRL", "sagittal": "SIAP", "coronal": "SIRL"}
+
+
+def _rgba(classes: np.ndarray, alpha: float) -> np.ndarray:
+    rgba = np.zeros((*classes.shape, 4), dtype=np.float32)
+    for index, name in enumerate(BRATS_PALETTE, start=1):
+        rgba[classes == index] = (*BRATS_PALETTE[name], alpha)
+    return rgba
+
+
+def overlay_figure(
+    t1c: NdarrayOrTensor,
+    pred_label: NdarrayOrTensor,
+    ref_label: NdarrayOrTensor | None = None,
+    convention: str | LabelConvention = "brats2018",
+    spacing: Sequence[float] | None = None,
+    out_path: str | os.PathLike | None = None,
+    title: str | None = None,
+    affine: np.ndarray | None = None,
+    axcodes: str = "RAS",
+    pred_convention: str | LabelConvention | None = None,
+    alpha: float = 0.45,
+    window_percentiles: tuple[float, float] = (0.5, 99.5),
+    panel_inches: float = 3.0,
+    dpi: int = 120,
+) -> Path:
+    """Axial, sagittal and coronal T1c slices through the tumor center with label overlays, written as PNG.
+
+    Args:
+        t1c: image ``(H, W, D)`` (or ``(1, H, W, D)``).
+        pred_label: predicted label map of the same spatial shape, in ``pred_convention`` (default ``convention``).
+        ref_label: optional reference label map, drawn in a second row.
+        convention: label convention of the reference (and of the prediction unless ``pred_convention``).
+        spacing: voxel size in mm per array axis; default from ``affine``, else isotropic 1 mm.
+        out_path: PNG file to write (required).
+        title: figure title.
+        affine: the images' voxel-to-world affine; used to display any stored orientation correctly.
+        axcodes: orientation of the array axes when no ``affine`` is given (nibabel codes, e.g. ``"LPS"`` for
+            BraTS files read as stored, ``"RAS"`` after MONAI's ``Orientationd(axcodes="RAS")``).
+        pred_convention: label convention of the prediction when it differs.
+        alpha: opacity of the label colors.
+        window_percentiles: gray window from these percentiles of the nonzero T1c voxels.
+        panel_inches: size of one panel.
+        dpi: resolution of the PNG.
+
+    The slices go through the center of mass of the reference's whole tumor when a reference is given, else of the
+    prediction's, else through the image center. Views are radiological (patient's right on the left; anterior up
+    on axial, superior up on sagittal/coronal) with edge letters; pixel aspect follows the spacing.
+
+    Returns:
+        the path of the PNG.
+    """
+    if out_path is None:
+        raise ValueError("overlay_figure needs out_path")
+    img = np.asarray(t1c, dtype=np.float32)
+    img = img[0] if img.ndim == 4 and img.shape[0] == 1 else img
+    if img.ndim != 3:
+        raise ValueError(f"t1c must be (H, W, D), got shape {img.shape}")
+    labels = {"Prediction": label_to_classes(pred_label, pred_convention or convention, "prediction")[0].numpy()}
+    if ref_label is not None:
+        labels["Reference"] = label_to_classes(ref_label, convention, "reference")[0].numpy()
+    for name, lab in labels.items():
+        if lab.shape != img.shape:
+            raise ValueError(f"{name.lower()} label shape {lab.shape} differs from the image shape {img.shape}")
+
+    ornt = io_orientation(affine) if affine is not None else axcodes2ornt(tuple(axcodes.upper()))
+    if spacing is None:
+        spacing = nib.affines.voxel_sizes(affine) if affine is not None else (1.0, 1.0, 1.0)
+    ras_spacing = [1.0, 1.0, 1.0]
+    for axis, (target, _) in enumerate(ornt):
+        ras_spacing[int(target)] = float(spacing[axis])
+    img = _to_ras(img, ornt)
+    labels = {name: _to_ras(lab.astype(np.uint8), ornt) for name, lab in labels.items()}
+
+    tumor = labels.get("Reference", labels["Prediction"]) > 0
+    if tumor.any():
+        center = [int(round(c)) for c in ndimage.center_of_mass(tumor)]
+    else:
+        center = [s // 2 for s in img.shape]
+
+    stored_index = {}  # slice numbers as in the stored array, for the panel titles
+    for view, ras_axis in zip(VIEWS, (2, 0, 1), strict=True):
+        axis = int(np.flatnonzero(ornt[:, 0] == ras_axis)[0])
+        n = img.shape[ras_axis]
+        stored_index[view] = center[ras_axis] if ornt[axis, 1] > 0 else n - 1 - center[ras_axis]
+
+    brain = img[img != 0]
+    lo, hi = np.percentile(brain, window_percentiles) if brain.size else (0.0, 1.0)
+    hi = hi if hi > lo else lo + 1.0
+    img_views = _slices(img, center, ras_spacing)
+
+    fig = Figure(figsize=(panel_inches * len(VIEWS), panel_inches * len(labels) + 0.9), facecolor="black")
+    axes = fig.subplots(len(labels), len(VIEWS), squeeze=False)
+    for row, (row_name, lab) in enumerate(labels.items()):
+        lab_views = _slices(lab, center, ras_spacing)
+        for col, view in enumerate(VIEWS):
+            ax = axes[row, col]
+            gray, aspect = img_views[view]
+            ax.imshow(gray, cmap="gray", vmin=lo, vmax=hi, aspect=aspect, interpolation="bilinear")
+            ax.imshow(_rgba(lab_views[view][0], alpha), aspect=aspect, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            top, bottom, left, right = _EDGE_LETTERS[view]
+            h, w = gray.shape
+            style = {"color": "white", "fontsize": 8}
+            ax.text((w - 1) / 2, 0, top, ha="center", va="top", **style)
+            ax.text((w - 1) / 2, h - 1, bottom, ha="center", va="bottom", **style)
+            ax.text(0, (h - 1) / 2, left, ha="left", va="center", **style)
+            ax.text(w - 1, (h - 1) / 2, right, ha="right", va="center", **style)
+            if row == 0:
+                ax.set_title(f"{view}, slice {stored_index[view]}", color="white", fontsize=10)
+            if col == 0:
+                ax.set_ylabel(row_name, color="white", fontsize=11)
+    handles = [Patch(facecolor=rgb, edgecolor="none", label=LEGEND_NAMES[name]) for name, rgb in BRATS_PALETTE.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, labelcolor="white", fontsize=9)
+    if title:
+        fig.suptitle(title, color="white", fontsize=12)
+    fig.tight_layout(rect=(0, 0.07, 1, 0.95 if title else 1))
+    return _save_png(fig, out_path, dpi)
+
+
+def _event_files(log_dir_or_event_file: str | os.PathLike) -> list[Path]:
+    path = Path(log_dir_or_event_file)
+    files = [path] if path.is_file() else sorted(path.rglob(EVENT_FILE_GLOB))
+    if not files:
+        raise FileNotFoundError(f"no TensorBoard event files ({EVENT_FILE_GLOB}) in {path}")
+    return files
+
+
+def read_scalars(log_dir_or_event_file: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """All scalar series of a TensorBoard log: ``{tag: (steps, values)}`` sorted by step.
+
+    Several event files (a resumed run) are merged; of two values logged at the same step the later one wins.
+    Event files in sub-folders (separate runs) get the sub-folder as a tag prefix.
+    """
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    root = Path(log_dir_or_event_file)
+    merged: dict[str, dict[int, tuple[float, float]]] = {}
+    for file in _event_files(root):
+        acc = EventAccumulator(str(file), size_guidance={SCALARS: 0})  # 0: keep every value
+        acc.Reload()
+        prefix = "" if root.is_file() or file.parent == root else f"{file.parent.relative_to(root).as_posix()}/"
+        for tag in acc.Tags()[SCALARS]:
+            series = merged.setdefault(prefix + tag, {})
+            for event in acc.Scalars(tag):
+                if event.step not in series or series[event.step][0] <= event.wall_time:
+                    series[event.step] = (event.wall_time, event.value)
+    return {
+        tag: (np.asarray(sorted(s)), np.asarray([s[step][1] for step in sorted(s)], dtype=np.float64))
+        for tag, s in merged.items()
+    }
+
+
+def _group(tag: str) -> str:
+    name = tag.lower()
+    if "loss" in name or re.search(r"(^|[/_])(kl|l2|mse)($|[/_])", name):
+        return "loss"
+    return "dice" if "dice" in name else "other"
+
+
+def _smooth(values: np.ndarray, weight: float) -> np.ndarray:
+    """TensorBoard's exponential moving average (``weight`` 0: none)."""
+    if weight <= 0 or values.size == 0:
+        return values
+    out = np.empty_like(values)
+    acc = values[0]
+    for n, v in enumerate(values):
+        acc = weight * acc + (1 - weight) * v
+        out[n] = acc
+    return out
+
+
+def training_curves_figure(
+    log_dir_or_event_file: str | os.PathLike,
+    out_path: str | os.PathLike,
+    smoothing: float = 0.0,
+    title: str | None = None,
+    panel_inches: float = 4.0,
+    dpi: int = 120,
+) -> Path:
+    """Loss terms and Dice per region against the logged step, from TensorBoard event files.
+
+    Tags are grouped by name: anything with ``loss`` (or a ``kl``/``l2``/``mse`` term) goes to the loss panel,
+    anything else with ``dice`` to the Dice panel, the rest (learning rate, HD95, ...) to a third panel when present.
+    The x axis is the step as logged: MONAI's ``TensorBoardStatsHandler`` logs iteration outputs per iteration
+    and epoch metrics per epoch.
+
+    Args:
+        log_dir_or_event_file: a log folder (searched recursively) or one event file.
+        out_path: PNG file to write.
+        smoothing: TensorBoard-style EMA weight in [0, 1) for the loss curves (raw curve drawn faintly behind).
+        title: figure title.
+        panel_inches: width of one panel.
+        dpi: resolution of the PNG.
+
+    Returns:
+        the path of the PNG.
+    """
+    scalars = read_scalars(log_dir_or_event_file)
+    if not scalars:
+        raise ValueError(f"no scalar values in the TensorBoard log {log_dir_or_event_file}")
+    groups: dict[str, list[str]] = {"loss": [], "dice": [], "other": []}
+    for tag in sorted(scalars):
+        groups[_group(tag)].append(tag)
+    panels = [(name, tags) for name, tags in groups.items() if tags]
+    ylabels = {"loss": "loss", "dice": "Dice", "other": "value"}
+
+    fig = Figure(figsize=(panel_inches * len(panels), panel_inches * 0.8))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (name, tags) in zip(axes, panels, strict=True):
+        for tag in tags:
+            steps, values = scalars[tag]
+            marker = "o" if steps.size <= 50 else None
+            if name == "loss" and smoothing > 0:
+                (line,) = ax.plot(steps, values, alpha=0.25, linewidth=0.8)
+                ax.plot(steps, _smooth(values, smoothing), color=line.get_color(), label=tag, linewidth=1.5)
+            else:
+                ax.plot(steps, values, marker=marker, markersize=3, linewidth=1.5, label=tag)
+        ax.set_xlabel("step (iteration or epoch, as logged)")
+        ax.set_ylabel(ylabels[name])
+        ax.set_title({"loss": "Loss", "dice": "Dice", "other": "Other"}[name])
+        if name == "dice":
+            ax.set_ylim(0.0, 1.02)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save_png(fig, out_path, dpi)
+
+
+def _load_t1c(image: str | os.PathLike, channel: int | None) -> tuple[nib.spatialimages.SpatialImage, np.ndarray]:
+    path = Path(image)
+    if path.is_dir():
+        names = {layout.filename(path.name, "t1c") for layout in LAYOUTS.values()}
+        found = [path / n for n in sorted(names) if (path / n).is_file()]
+        if not found:
+            raise FileNotFoundError(f"no T1c file in case folder {path} (looked for {sorted(names)})")
+        path = found[0]
+    img = nib.load(str(path))
+    data = np.asanyarray(img.dataobj)
+    if data.ndim == 4:
+        data = data[..., MSD_CHANNELS.index("t1c") if channel is None else channel]
+    return img, data
+
+
+def overlay(
+    image: str,
+    pred: str,
+    out_path: str,
+    ref: str | None = None,
+    convention: str = "brats2018",
+    pred_convention: str | None = None,
+    title: str | None = None,
+    channel: int | None = None,
+) -> str:
+    """Command line: overlay figure of one case from files (orientation and spacing from the image's header)."""
+    img, t1c = _load_t1c(image, channel)
+    pred_label = np.asanyarray(nib.load(pred).dataobj)
+    ref_label = np.asanyarray(nib.load(ref).dataobj) if ref else None
+    return str(
+        overlay_figure(
+            t1c,
+            pred_label,
+            ref_label,
+            convention=convention,
+            out_path=out_path,
+            title=title or Path(pred).name,
+            affine=img.affine,
+            pred_convention=pred_convention,
+        )
+    )
+
+
+def curves(log_dir: str, out_path: str, smoothing: float = 0.0, title: str | None = None) -> str:
+    """Command line: training curves from a TensorBoard log folder or event file."""
+    return str(training_curves_figure(log_dir, out_path, smoothing=float(smoothing), title=title))
+
+
+__all__: Sequence[str] = (
+    "BRATS_PALETTE",
+    "VIEWS",
+    "overlay_figure",
+    "read_scalars",
+    "training_curves_figure",
+)
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire({"curves": curves, "overlay": overlay})
