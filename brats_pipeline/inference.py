@@ -302,7 +302,8 @@ class BratsInferer(Inferer):
         if crop is not None:
             out = out[crop].contiguous()
         if isinstance(inputs, MetaTensor):
-            out = convert_to_dst_type(out, MetaTensor([]).copy_meta_from(inputs, copy_attr=False))[0]
+            meta_like = MetaTensor([]).copy_meta_from(inputs, copy_attr=False)
+            out = convert_to_dst_type(out, meta_like, dtype=out.dtype, device=out.device)[0]
         return out
 
 
