@@ -1,0 +1,359 @@
+"""Scan a BraTS (or MSD Task01) folder, recognise its layout, and write a decathlon-style datalist with folds.
+
+The layout is recognised from folder names alone (see :mod:`brats_pipeline.layouts`): case folders
+``Brats18_*`` (in ``HGG``/``LGG`` or flat), ``BraTS20_{Training,Validation}_NNN``, ``BraTS2021_NNNNN`` and
+``BraTS-<SUB>-NNNNN-NNN`` are found up to :data:`MAX_DEPTH` folders below the dataset folder (so the folder the
+archive unpacks into can be given as is); an MSD ``dataset.json`` makes it ``msd``. Cases without a label
+(validation/test releases) land in ``testing``.
+
+Each entry::
+
+    {"case_id": "BraTS-GLI-00001-000", "image": [t1c, t1, t2, flair paths], "label": path,
+     "layout": "brats2023", "label_convention": "brats2023"}
+
+For MSD the image is the single 4-D file and ``"channel_order"`` gives, for each modality of
+:data:`~brats_pipeline.layouts.CHANNELS`, its index in the file (``[2, 1, 3, 0]`` for FLAIR, T1w, T1gd, T2w),
+applied by :class:`brats_pipeline.transforms.ReorderChannelsd`.
+
+Command line::
+
+    python -m brats_pipeline.datalist DATASET_DIR --output_file datalist.json --num_folds 5 --seed 0
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from brats_pipeline.case_checks import NIFTI_SUFFIXES, CaseError, DatasetError, check_case, is_nifti
+from brats_pipeline.layouts import CHANNELS, LAYOUTS, MSD_CHANNELS, MSD_LABEL_CONVENTION, BratsLayout
+
+logger = logging.getLogger(__name__)
+
+#: how many folder levels below the dataset folder are searched for case folders
+MAX_DEPTH = 3
+#: MSD ``dataset.json`` modality names -> canonical names
+MSD_MODALITY_ALIASES: dict[str, str] = {
+    "flair": "flair",
+    "t2-flair": "flair",
+    "t2f": "flair",
+    "t1": "t1",
+    "t1w": "t1",
+    "t1n": "t1",
+    "t1gd": "t1c",
+    "t1c": "t1c",
+    "t1ce": "t1c",
+    "t2": "t2",
+    "t2w": "t2",
+}
+
+
+def _stem(name: str) -> str:
+    low = name.lower()
+    for suffix in NIFTI_SUFFIXES:
+        if low.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _modality_of(file_name: str, case_name: str, layout: BratsLayout) -> str | None:
+    """Canonical modality (or ``"seg"``) that ``file_name`` holds in case ``case_name``, else None.
+
+    Matching is case-insensitive and also accepts a suffix followed by a non-alphanumeric character
+    (``..._t1ce (1).nii.gz``), so that a stray copy is reported as a duplicate rather than ignored.
+    """
+    prefix = (case_name + layout.separator).lower()
+    stem = _stem(file_name).lower()
+    if not stem.startswith(prefix):
+        return None
+    rest = stem[len(prefix) :]
+    for modality, suffix in (*layout.suffixes.items(), ("seg", layout.label_suffix)):
+        if rest == suffix or (rest.startswith(suffix) and not rest[len(suffix)].isalnum()):
+            return modality
+    return None
+
+
+def _parse_case_dir(case_dir: Path, layout: BratsLayout) -> dict:
+    case_id = case_dir.name
+    found: dict[str, list[Path]] = {}
+    unknown: list[Path] = []
+    for child in sorted(case_dir.iterdir()):
+        if child.name.startswith(".") or not child.is_file() or not is_nifti(child.name):
+            continue
+        modality = _modality_of(child.name, case_id, layout)
+        if modality is None:
+            unknown.append(child)
+        else:
+            found.setdefault(modality, []).append(child)
+    for modality, files in found.items():
+        if len(files) > 1:
+            names = ", ".join(f.name for f in files)
+            raise CaseError(case_id, files[1], f"two files for {modality!r} in one case folder ({names}); keep one")
+    if "seg" not in found:
+        # BraTS 2020 ships Training_355 with its label named 'W39_1998.09.19_Segm.nii'
+        segs = [f for f in unknown if "seg" in f.name.lower()]
+        if len(segs) == 1:
+            logger.warning("case %s: using %s as the label (non-standard name)", case_id, segs[0].name)
+            found["seg"] = segs
+            unknown.remove(segs[0])
+    for f in unknown:
+        logger.warning("case %s: ignoring unrecognised NIfTI file %s", case_id, f)
+    images = []
+    for modality in CHANNELS:
+        if modality not in found:
+            expected = case_dir / layout.filename(case_id, modality)
+            raise CaseError(case_id, expected, f"missing the {modality} image (no file {expected.name} or .nii)")
+        images.append(str(found[modality][0].resolve()))
+    entry: dict = {"case_id": case_id, "image": images}
+    if "seg" in found:
+        entry["label"] = str(found["seg"][0].resolve())
+    entry["layout"] = layout.name
+    entry["label_convention"] = layout.label_convention
+    return entry
+
+
+def _msd_channel_order(meta: Mapping, json_file: Path) -> list[int]:
+    modality = meta.get("modality")
+    if not isinstance(modality, Mapping):
+        return [MSD_CHANNELS.index(c) for c in CHANNELS]
+    names: dict[str, int] = {}
+    for index, name in modality.items():
+        canonical = MSD_MODALITY_ALIASES.get(str(name).lower())
+        if canonical is None:
+            raise DatasetError(f"{json_file}: unknown modality {name!r}; known: {sorted(MSD_MODALITY_ALIASES)}")
+        names[canonical] = int(index)
+    missing = [c for c in CHANNELS if c not in names]
+    if missing:
+        raise DatasetError(f"{json_file}: modalities {missing} are missing from {dict(modality)}")
+    return [names[c] for c in CHANNELS]
+
+
+def _read_msd(json_file: Path) -> list[dict]:
+    try:
+        meta = json.loads(json_file.read_text())
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"{json_file}: not a readable MSD dataset.json ({e})") from None
+    order = _msd_channel_order(meta, json_file)
+    root = json_file.parent
+
+    def entry(image: str, label: str | None) -> dict:
+        path = (root / image).resolve()
+        case_id = _stem(path.name)
+        if not path.exists():
+            raise CaseError(case_id, path, f"listed in {json_file.name} but does not exist")
+        out: dict = {"case_id": case_id, "image": str(path)}
+        if label:
+            label_path = (root / label).resolve()
+            if not label_path.exists():
+                raise CaseError(case_id, label_path, f"label listed in {json_file.name} but does not exist")
+            out["label"] = str(label_path)
+        out.update(layout="msd", label_convention=MSD_LABEL_CONVENTION, channel_order=list(order))
+        return out
+
+    cases = [entry(item["image"], item.get("label")) for item in meta.get("training", [])]
+    for item in meta.get("test", []):
+        cases.append(entry(item["image"] if isinstance(item, Mapping) else item, None))
+    return cases
+
+
+def _is_msd_json(path: Path) -> bool:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, Mapping) and ("training" in meta or "test" in meta)
+
+
+def _layout_of(name: str) -> BratsLayout | None:
+    for layout in LAYOUTS.values():
+        if layout.matches(name):
+            return layout
+    return None
+
+
+def _scan(root: Path) -> tuple[list[tuple[Path, BratsLayout]], list[Path]]:
+    """Case folders and MSD ``dataset.json`` files at most :data:`MAX_DEPTH` levels below ``root``."""
+    layout = _layout_of(root.name)
+    if layout is not None:  # the folder of a single case
+        return [(root, layout)], []
+    cases: list[tuple[Path, BratsLayout]] = []
+    msd: list[Path] = []
+    pending = [(root, 0)]
+    while pending:
+        folder, depth = pending.pop()
+        json_file = folder / "dataset.json"
+        if json_file.is_file() and _is_msd_json(json_file):
+            msd.append(json_file)
+            continue
+        for child in sorted(folder.iterdir()):
+            if child.name.startswith(".") or not child.is_dir():
+                continue
+            layout = _layout_of(child.name)
+            if layout is not None:
+                cases.append((child, layout))
+            elif depth < MAX_DEPTH:
+                pending.append((child, depth + 1))
+    return cases, msd
+
+
+def find_cases(dataset_dir: str | os.PathLike, check_files: bool = True) -> list[dict]:
+    """All cases under ``dataset_dir``, sorted by case id, in one recognised layout.
+
+    Args:
+        dataset_dir: a dataset folder (or any folder above the case folders, or a single case folder).
+        check_files: run the header-level checks of :func:`brats_pipeline.case_checks.check_case` on every case
+            (existence, readable non-truncated NIfTI, 3-D (4-D for MSD), same shape and affine in a case).
+
+    Returns:
+        entries ``{"case_id", "image", "label"?, "layout", "label_convention", "channel_order"? (MSD)}`` with
+        absolute paths; ``image`` lists the files in :data:`~brats_pipeline.layouts.CHANNELS` order.
+
+    Raises:
+        DatasetError: the folder is missing or empty, holds no recognisable case, or mixes layouts.
+        CaseError: a case is unusable (the message names the case and the file).
+    """
+    root = Path(dataset_dir).expanduser().resolve()
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder {root} does not exist or is not a folder")
+    case_dirs, msd_files = _scan(root)
+    kinds = sorted({layout.name for _, layout in case_dirs} | ({"msd"} if msd_files else set()))
+    if not kinds:
+        what = "is empty" if not any(root.iterdir()) else "holds no recognisable BraTS case"
+        examples = ", ".join(["Brats18_2013_2_1", "BraTS20_Training_001", "BraTS2021_00001", "BraTS-GLI-00001-000"])
+        raise DatasetError(
+            f"dataset folder {root} {what}: expected case folders named like {examples} "
+            f"(up to {MAX_DEPTH} levels deep) or an MSD Task01 dataset.json"
+        )
+    if len(kinds) > 1 or len(msd_files) > 1:
+        where = [f"{p} ({layout.name})" for p, layout in case_dirs[:1]] + [str(p) for p in msd_files[:2]]
+        raise DatasetError(
+            f"dataset folder {root} mixes several datasets/layouts {kinds} (e.g. {', '.join(where)}); "
+            "point dataset_dir at one of them"
+        )
+    if msd_files:
+        cases = _read_msd(msd_files[0])
+    else:
+        cases = [_parse_case_dir(path, layout) for path, layout in case_dirs]
+    seen: dict[str, dict] = {}
+    for case in cases:
+        if case["case_id"] in seen:
+            first = seen[case["case_id"]]["image"]
+            raise CaseError(
+                case["case_id"],
+                case["image"] if isinstance(case["image"], str) else Path(case["image"][0]).parent,
+                f"the same case id appears twice (also at {first if isinstance(first, str) else Path(first[0]).parent})",
+            )
+        seen[case["case_id"]] = case
+    if check_files:
+        for case in cases:
+            check_case(case, check_data=False)
+    return sorted(cases, key=lambda c: c["case_id"])
+
+
+def _num_validation(num_validation: int | float, num_labelled: int) -> int:
+    if isinstance(num_validation, float) and 0.0 < num_validation < 1.0:
+        n = int(round(num_validation * num_labelled))
+    elif float(num_validation).is_integer() and num_validation >= 0:
+        n = int(num_validation)
+    else:
+        raise ValueError(f"num_validation must be a count >= 0 or a fraction in (0, 1), got {num_validation!r}")
+    if n > num_labelled:
+        raise ValueError(f"num_validation={num_validation!r} asks for {n} cases but only {num_labelled} are labelled")
+    return n
+
+
+def write_json_atomic(obj: object, path: str | os.PathLike) -> Path:
+    """Write ``obj`` as JSON to ``path`` through a temporary file in the same folder and :func:`os.replace`:
+    readers see the old file or the complete new one, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def build_datalist(
+    dataset_dir: str | os.PathLike,
+    output_file: str | os.PathLike | None = None,
+    num_folds: int = 5,
+    num_validation: int | float = 0,
+    seed: int = 0,
+    check_files: bool = True,
+) -> dict:
+    """Decathlon-style datalist of ``dataset_dir`` with a seeded cross-validation split.
+
+    Labelled cases are shuffled with ``seed``; the first ``num_validation`` (a count, or a fraction of the
+    labelled cases) form ``validation``, the rest ``training``, each with a ``"fold"`` in ``0..num_folds-1``
+    assigned round-robin in shuffled order (folds differ in size by at most one). Unlabelled cases form
+    ``testing``. Lists are sorted by case id.
+
+    Returns:
+        ``{"name", "dataset_dir", "layout", "label_convention", "channels", "num_folds", "seed", "training",
+        "validation", "testing"}``; written atomically as JSON to ``output_file`` when given.
+    """
+    num_folds = int(num_folds)
+    if num_folds < 1:
+        raise ValueError(f"num_folds must be at least 1, got {num_folds}")
+    cases = find_cases(dataset_dir, check_files=check_files)
+    labelled = [c for c in cases if "label" in c]
+    n_val = _num_validation(num_validation, len(labelled))
+    order = np.random.default_rng(int(seed)).permutation(len(labelled))
+    validation = [labelled[i] for i in order[:n_val]]
+    training = [{**labelled[i], "fold": k % num_folds} for k, i in enumerate(order[n_val:])]
+    if 0 < len(training) < num_folds:
+        raise ValueError(f"{len(training)} training cases cannot fill {num_folds} folds; lower num_folds")
+    root = Path(dataset_dir).expanduser().resolve()
+    datalist = {
+        "name": root.name,
+        "dataset_dir": str(root),
+        "layout": cases[0]["layout"],
+        "label_convention": cases[0]["label_convention"],
+        "channels": list(CHANNELS),
+        "num_folds": num_folds,
+        "seed": int(seed),
+        "training": sorted(training, key=lambda c: c["case_id"]),
+        "validation": sorted(validation, key=lambda c: c["case_id"]),
+        "testing": [c for c in cases if "label" not in c],
+    }
+    if output_file is not None:
+        write_json_atomic(datalist, output_file)
+    return datalist
+
+
+def main(
+    dataset_dir: str,
+    output_file: str = "datalist.json",
+    num_folds: int = 5,
+    num_validation: int | float = 0,
+    seed: int = 0,
+) -> None:
+    """Command line: scan ``dataset_dir`` and write its datalist to ``output_file``."""
+    d = build_datalist(dataset_dir, output_file, num_folds, num_validation, seed)
+    print(
+        f"{output_file}: {len(d['training'])} training ({d['num_folds']} folds), {len(d['validation'])} validation, "
+        f"{len(d['testing'])} testing cases; layout {d['layout']}, labels {d['label_convention']}"
+    )
+
+
+__all__ = ["MAX_DEPTH", "build_datalist", "find_cases", "write_json_atomic", "main"]
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire(main)
