@@ -330,3 +330,18 @@ def test_crop_infer_invert_chain_restores_input_grid(tmp_path):
     expected = np.zeros(SHAPE, np.uint8)
     expected[WT_BOX], expected[TC_BOX], expected[ET_BOX] = 2, 1, 4
     np.testing.assert_array_equal(pred[0].numpy(), expected)
+
+
+def test_monai_segresnet_family(image):
+    from monai.networks.nets import SegResNet, SegResNetVAE
+
+    torch.manual_seed(0)
+    seg = SegResNet(spatial_dims=3, init_filters=8, in_channels=4, out_channels=3, blocks_down=(1, 1, 1, 1)).eval()
+    vae = SegResNetVAE(input_image_size=(16, 16, 16), init_filters=8, in_channels=4, out_channels=3).eval()
+    with torch.no_grad():
+        with pytest.raises(RuntimeError):  # 20x18x14 is not divisible by 8: the decoder's skip sums fail
+            BratsInferer()(image, seg)
+        out = BratsInferer(divisible_k=8, tta=True)(image, seg)
+        windows = BratsInferer(mode="sliding_window", roi_size=(16, 16, 16), tta=True, tta_flip_axes=(0,))(image, vae)
+    assert out.shape == windows.shape == (1, 3, 20, 18, 14)
+    assert 0 <= float(out.min()) and float(out.max()) <= 1 and 0 <= float(windows.min()) and float(windows.max()) <= 1
