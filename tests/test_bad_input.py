@@ -93,6 +93,13 @@ def test_truncated_file(dataset, keep):
     _raises(dataset, f"{CASE}-t2w.nii.gz", "truncated|not a readable NIfTI")
 
 
+def test_header_checks_can_be_skipped(dataset):
+    path = _file(dataset, "t2w")
+    path.write_bytes(path.read_bytes()[:100])
+    assert len(find_cases(dataset, check_files=False)) == 6
+    _raises(dataset, path.name, "truncated|not a readable NIfTI")
+
+
 def test_unreadable_file(dataset):
     _file(dataset, "t1n").write_bytes(b"this is not a NIfTI file\n" * 20)
     _raises(dataset, f"{CASE}-t1n.nii.gz", "not a readable NIfTI")

@@ -152,6 +152,20 @@ def test_other_brats2023_subchallenge_and_uncompressed_nifti(tmp_path, datasets)
     assert find_cases(dst) == [entry]
 
 
+def test_nonstandard_label_name_and_stray_files(tmp_path, synthetic_dataset, caplog):
+    """BraTS 2020 ships Training_355 with its label as 'W39_1998.09.19_Segm.nii'; stray NIfTI files are ignored."""
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_dataset, root)
+    case = root / "BraTS-GLI-00003-000"
+    (case / "BraTS-GLI-00003-000-seg.nii.gz").rename(case / "W39_1998.09.19_Segm.nii.gz")
+    shutil.copy(case / "BraTS-GLI-00003-000-t1c.nii.gz", case / "notes_t1c_registered.nii.gz")
+    (case / "readme.txt").write_text("x")
+    entry = next(e for e in find_cases(root) if e["case_id"] == "BraTS-GLI-00003-000")
+    assert Path(entry["label"]).name == "W39_1998.09.19_Segm.nii.gz"
+    assert Path(entry["image"][0]).name == "BraTS-GLI-00003-000-t1c.nii.gz"
+    assert "non-standard name" in caplog.text and "ignoring unrecognised NIfTI file" in caplog.text
+
+
 def test_real_case_found_and_loaded_in_channel_order(real_case):
     d = build_datalist(real_case.parent, num_folds=5)
     assert d["training"] == [] and d["validation"] == []
