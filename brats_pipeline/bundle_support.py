@@ -52,3 +52,26 @@ def derive_bundle_root(default: str = ".", argv: Sequence[str] | None = None) ->
     if files and Path(files[0]).is_file():
         return bundle_root_of(files[0])
     return default
+
+
+def report_metrics(engine, title: str = "Dice per region", prefix: str = "") -> dict[str, float]:
+    """Print the metrics an Ignite engine computed (``engine.state.metrics``) as a small table and return them.
+
+    Args:
+        engine: an evaluator after ``run()``.
+        title: heading of the table.
+        prefix: only metrics whose name starts with it are shown (all when empty).
+    """
+    metrics = {k: float(v) for k, v in engine.state.metrics.items() if k.startswith(prefix) and _is_number(v)}
+    width = max((len(k) for k in metrics), default=10)
+    lines = [title, "-" * (width + 10)] + [f"{k:<{width}}  {v:.4f}" for k, v in sorted(metrics.items())]
+    print("\n".join(lines), flush=True)
+    return metrics
+
+
+def _is_number(value) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True

@@ -60,8 +60,8 @@ _LEGACY_SUFFIXES = {"t1c": "t1ce", "t1": "t1", "t2": "t2", "flair": "flair"}
 
 LAYOUTS: dict[str, BratsLayout] = {
     "brats2018": BratsLayout(
-        name="brats2018",
-        case_pattern=r"Brats1[89]_.+",
+        name="brats2018",  # also BraTS 2019 (BraTS19_...)
+        case_pattern=r"Bra[Tt]s1[89]_.+|BraTS19_.+",
         suffixes=_LEGACY_SUFFIXES,
         parent_dirs=("HGG", "LGG"),
     ),
