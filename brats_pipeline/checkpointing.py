@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
@@ -93,6 +94,8 @@ class AtomicDiskSaver(DiskSaver):
             self._pending_removal.clear()
             raise
         pending, self._pending_removal = self._pending_removal, []
+        if idist.get_rank() != self.save_on_rank:
+            return
         for old in pending:
             if old != filename:
                 (self.dirname / old).unlink(missing_ok=True)
@@ -124,17 +127,25 @@ class AtomicDiskSaver(DiskSaver):
 class AtomicCheckpointSaver(CheckpointSaver):
     """MONAI :class:`~monai.handlers.CheckpointSaver` whose files are written by :class:`AtomicDiskSaver`.
 
-    Takes exactly the arguments of ``CheckpointSaver`` (``save_dir``, ``save_dict``, ``file_prefix``,
-    ``save_interval``, ``n_saved``, ``save_key_metric``, ``key_metric_filename``, ...) and produces the same file names,
-    e.g. ``last_checkpoint_epoch=3.pt`` with ``file_prefix="last"`` and several objects in ``save_dict``.
+    Takes the arguments of ``CheckpointSaver`` (``save_dir``, ``save_dict``, ``file_prefix``, ``save_interval``,
+    ``n_saved``, ``save_key_metric``, ``key_metric_filename``, ...) and produces the same file names, e.g.
+    ``last_checkpoint_epoch=3.pt`` with ``file_prefix="last"`` and several objects in ``save_dict``.
+
+    Ignite's ``n_saved`` only counts the files written by the current process. With ``prune_stale`` the interval
+    checkpoints left by an earlier process in ``save_dir`` (the one a resumed run started from, or those of an older
+    run) are deleted as soon as this run has written its own newer one, so ``n_saved`` holds across restarts and
+    :func:`latest_checkpoint` never picks a stale file once the new run has saved.
 
     Args:
         fsync: see :class:`AtomicDiskSaver`.
+        prune_stale: delete other ``{file_prefix}_{name}_{epoch|iteration}=N.pt`` files in ``save_dir`` after each
+            interval save (only when ``n_saved`` is not ``None``).
         args, kwargs: passed to ``CheckpointSaver``.
     """
 
-    def __init__(self, *args: Any, fsync: bool = True, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, fsync: bool = True, prune_stale: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.prune_stale = prune_stale
         # MONAI 1.6 keeps its three ignite Checkpoint objects in these private attributes.
         for attr in ("_final_checkpoint", "_key_metric_checkpoint", "_interval_checkpoint"):
             checkpoint = getattr(self, attr, None)
@@ -146,6 +157,21 @@ class AtomicCheckpointSaver(CheckpointSaver):
     def key_metric_checkpoint(self):
         """The Ignite ``Checkpoint`` tracking the best key metric (``None`` unless ``save_key_metric=True``)."""
         return self._key_metric_checkpoint
+
+    def interval_completed(self, engine: Engine) -> None:
+        super().interval_completed(engine)
+        checkpoint = self._interval_checkpoint
+        if not self.prune_stale or checkpoint.n_saved is None or not checkpoint._saved:
+            return
+        if idist.get_rank() != checkpoint.save_handler.save_on_rank:
+            return
+        kept = {item.filename for item in checkpoint._saved}
+        stem = checkpoint._saved[-1].filename.rsplit("=", 1)[0]
+        pattern = re.compile(rf"^{re.escape(stem)}=\d+\.pt$")
+        for path in Path(self.save_dir).iterdir():
+            if pattern.match(path.name) and path.name not in kept:
+                path.unlink(missing_ok=True)
+                self.logger.info(f"Deleted checkpoint of an earlier run: {path}")
 
 
 def _numpy_state_to_dict(state: tuple) -> dict[str, Any]:
@@ -410,9 +436,14 @@ class ResumeFromCheckpoint:
         engine.add_event_handler(Events.STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
-        if not self.enabled:
-            return
         path = latest_checkpoint(self.ckpt_dir, self.prefix, self.score_name)
+        if not self.enabled:
+            if path is not None:
+                self.logger.warning(
+                    f"Not resuming (resume=False): training starts from scratch although {path} exists; the "
+                    "checkpoint saver replaces it with this run's checkpoints."
+                )
+            return
         if path is None:
             self.logger.info(
                 f"Resume requested but no '{self.prefix}' checkpoint ({self.score_name}-level) in {self.ckpt_dir}: "

@@ -195,7 +195,8 @@ def test_crash_and_resume_is_exact(tmp_path, uninterrupted):
         torch.load(tmp_path / "model.pt", weights_only=True)["0.weight"],
         torch.load(uninterrupted["folder"] / "model.pt", weights_only=True)["0.weight"],
     )
-    assert ckpt_files(tmp_path) == ["last_checkpoint_epoch=2.pt", f"last_checkpoint_epoch={EPOCHS}.pt", "model.pt"]
+    # n_saved=1 across the restart: the file the run resumed from was pruned once epoch 3 was saved
+    assert ckpt_files(tmp_path) == [f"last_checkpoint_epoch={EPOCHS}.pt", "model.pt"]
 
 
 def test_resume_without_rng_states_diverges(tmp_path, uninterrupted):
@@ -219,11 +220,20 @@ def test_resume_switch_and_missing_checkpoint(tmp_path, caplog):
     assert run["log"]["start_epoch"] == 1 and run["resume"].loaded_path is None
     assert "no 'last' checkpoint" in caplog.text and "starting from scratch" in caplog.text
 
-    fresh = build_run(tmp_path, resume=False)  # resume=False ignores last_checkpoint_epoch=1.pt
+    # resume=False with a checkpoint of an earlier run: warns, starts at epoch 1, prunes the stale file at its first save
+    stale = tmp_path / "last_checkpoint_epoch=9.pt"
+    (tmp_path / "last_checkpoint_epoch=1.pt").rename(stale)
+    fresh = build_run(tmp_path, resume=False)
     crash_at(fresh, epoch=1)
-    with pytest.raises(SimulatedCrash):
+    with caplog.at_level("WARNING"), pytest.raises(SimulatedCrash):
         fresh["trainer"].run()
     assert fresh["log"]["start_epoch"] == 1 and fresh["resume"].loaded_path is None
+    assert "Not resuming (resume=False)" in caplog.text and stale.is_file()
+    fresh = build_run(tmp_path, resume=False)
+    crash_at(fresh, epoch=2)
+    with pytest.raises(SimulatedCrash):
+        fresh["trainer"].run()
+    assert ckpt_files(tmp_path) == ["last_checkpoint_epoch=1.pt", "model.pt"]
 
 
 def test_unreadable_checkpoint_is_a_clear_error(tmp_path):
