@@ -32,15 +32,15 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or Inf; training stopped before the optimizer step."""
 
 
-def batch_case_names(batch: Any, keys: Sequence[str] = ("image",)) -> list[str]:
-    """File names of the cases in a collated batch, from the ``filename_or_obj`` meta data of ``keys``.
+def batch_case_names(batch: Any, keys: Sequence[str] = ("case_id", "image", "label")) -> list[str]:
+    """Names of the cases in a collated batch, from the first of ``keys`` that provides any.
 
-    Falls back to ``{key}_meta_dict`` and to plain string entries (e.g. a ``case_id`` key); returns ``[]`` when the
+    A key provides names as plain strings (the datalist's ``case_id``), as the ``filename_or_obj`` meta data of a
+    ``MetaTensor`` (the first file of a multi-file image) or through ``{key}_meta_dict``. Returns ``[]`` when the
     batch carries no names.
     """
     if not isinstance(batch, Mapping):
         return []
-    names: list[str] = []
     for key in keys:
         value = batch.get(key)
         found: Any = None
@@ -52,11 +52,9 @@ def batch_case_names(batch: Any, keys: Sequence[str] = ("image",)) -> list[str]:
             isinstance(value, (list, tuple)) and value and all(isinstance(v, (str, os.PathLike)) for v in value)
         ):
             found = value
-        if found is None:
-            continue
-        for item in found if isinstance(found, (list, tuple)) else [found]:
-            names.append(str(item))
-    return names
+        if found:
+            return [str(item) for item in (found if isinstance(found, (list, tuple)) else [found])]
+    return []
 
 
 class NonFiniteLossGuard:
@@ -81,12 +79,12 @@ class NonFiniteLossGuard:
 
     Args:
         loss_key: key of the loss in ``engine.state.output``.
-        name_keys: batch keys whose meta data name the case files, for the error message.
+        name_keys: batch keys naming the cases in the error message (see :func:`batch_case_names`).
         check_grads: also stop on non-finite gradients (non-AMP runs only).
     """
 
     def __init__(
-        self, loss_key: str = "loss", name_keys: Sequence[str] = ("image", "label"), check_grads: bool = True
+        self, loss_key: str = "loss", name_keys: Sequence[str] = ("case_id", "image", "label"), check_grads: bool = True
     ) -> None:
         self.loss_key = loss_key
         self.name_keys = tuple(name_keys)
@@ -107,7 +105,7 @@ class NonFiniteLossGuard:
         if state.epoch_length:
             in_epoch = f" ({(state.iteration - 1) % state.epoch_length + 1}/{state.epoch_length} of the epoch)"
         names = batch_case_names(state.batch, self.name_keys)
-        cases = f"; cases in the batch: {', '.join(dict.fromkeys(names))}" if names else ""
+        cases = f"; cases in the batch: {', '.join(names)}" if names else ""
         return f"at epoch {state.epoch}, iteration {state.iteration}{in_epoch}{cases}"
 
     def __call__(self, engine: Engine) -> None:

@@ -116,7 +116,7 @@ def test_guard_stops_before_the_optimizer_step(tmp_path, bad_value, loss, expect
         trainer.run()  # StatsHandler's EXCEPTION_RAISED logs and re-raises: the run fails
     msg = str(info.value)
     assert "epoch 2, iteration 3 (1/2 of the epoch)" in msg
-    assert "case_002_t1.nii.gz" in msg and "case_003_seg.nii.gz" in msg
+    assert "cases in the batch: " in msg and "case_002_t1.nii.gz" in msg and "case_003_t1.nii.gz" in msg
     assert expected in msg
     # the weights are the last good ones: no backward/step happened on the bad batch
     for k, v in net.state_dict().items():
@@ -154,8 +154,11 @@ def test_batch_case_names(tmp_path):
     items = make_cases(tmp_path, n=2)
     loader = DataLoader(Dataset(items, LoadImaged(["image", "label"], image_only=True)), batch_size=2)
     batch = next(iter(loader))
+    assert batch_case_names(batch) == [items[0]["image"], items[1]["image"]]
     assert batch_case_names(batch, ("label",)) == [items[0]["label"], items[1]["label"]]
-    assert batch_case_names({"case_id": ["BraTS-1", "BraTS-2"]}, ("case_id",)) == ["BraTS-1", "BraTS-2"]
+    # the datalist's case ids (kept as a list of strings by collation) come first
+    ids = {**batch, "case_id": ["BraTS-1", "BraTS-2"]}
+    assert batch_case_names(ids) == ["BraTS-1", "BraTS-2"]
     assert batch_case_names({"image_meta_dict": {"filename_or_obj": ["a.nii"]}}) == ["a.nii"]
     assert batch_case_names({"image": torch.zeros(1)}) == [] and batch_case_names(None) == []
 
