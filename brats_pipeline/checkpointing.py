@@ -15,7 +15,8 @@ The bundle's trainer saves ``{prefix}_checkpoint_epoch=N.pt`` after every epoch 
 * **Finding and loading the latest file:** :func:`latest_checkpoint` and the handler :class:`ResumeFromCheckpoint`,
   which wraps MONAI's :class:`~monai.handlers.CheckpointLoader` at ``Events.STARTED``. The loader calls
   ``Engine.load_state_dict`` (iteration, epoch_length), so ``engine.state.epoch`` becomes the saved epoch and the run
-  continues with the next one; ``max_epochs`` stays the one of the new run.
+  continues with the next one; ``max_epochs`` stays the one of the new run. Without resuming it warns when an
+  earlier run's checkpoint is present; the saver prunes such files once the new run has saved (``prune_stale``).
 
 What a resumed run reproduces exactly (single process, same data, same code): weights, optimizer moments, learning
 rate, epoch counter, best metric, the data order (``RandomSampler`` draws its seed from the torch CPU generator) and
@@ -133,8 +134,9 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
     Ignite's ``n_saved`` only counts the files written by the current process. With ``prune_stale`` the interval
     checkpoints left by an earlier process in ``save_dir`` (the one a resumed run started from, or those of an older
-    run) are deleted as soon as this run has written its own newer one, so ``n_saved`` holds across restarts and
-    :func:`latest_checkpoint` never picks a stale file once the new run has saved.
+    run) and the temporary files of a save that was killed mid-write are deleted as soon as this run has written its
+    own checkpoint, so ``n_saved`` holds across restarts and :func:`latest_checkpoint` never picks a stale file once
+    the new run has saved.
 
     Args:
         fsync: see :class:`AtomicDiskSaver`.
@@ -166,12 +168,13 @@ class AtomicCheckpointSaver(CheckpointSaver):
         if idist.get_rank() != checkpoint.save_handler.save_on_rank:
             return
         kept = {item.filename for item in checkpoint._saved}
-        stem = checkpoint._saved[-1].filename.rsplit("=", 1)[0]
-        pattern = re.compile(rf"^{re.escape(stem)}=\d+\.pt$")
+        stem = re.escape(checkpoint._saved[-1].filename.rsplit("=", 1)[0])
+        stale = re.compile(rf"^{stem}=\d+\.pt$")
+        leftover = re.compile(rf"^\.{stem}=\d+\.pt\..+\.tmp$")  # temp file of a save killed mid-write
         for path in Path(self.save_dir).iterdir():
-            if pattern.match(path.name) and path.name not in kept:
+            if (stale.match(path.name) and path.name not in kept) or leftover.match(path.name):
                 path.unlink(missing_ok=True)
-                self.logger.info(f"Deleted checkpoint of an earlier run: {path}")
+                self.logger.info(f"Deleted checkpoint file of an earlier run: {path}")
 
 
 def _numpy_state_to_dict(state: tuple) -> dict[str, Any]:

@@ -93,7 +93,7 @@ class NonFiniteLossGuard:
     def attach(self, engine: Engine) -> None:
         if not engine.has_registered_events(IterationEvents.LOSS_COMPLETED):
             raise ValueError(
-                "NonFiniteLossGuard needs an engine that fires IterationEvents.LOSS_COMPLETED (MONAI SupervisedTrainer)."
+                "NonFiniteLossGuard needs an engine that fires IterationEvents.LOSS_COMPLETED (a MONAI trainer)."
             )
         engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self)
         if self.check_grads:

@@ -176,6 +176,8 @@ def test_crash_and_resume_is_exact(tmp_path, uninterrupted):
         first["trainer"].run()
     assert ckpt_files(tmp_path) == ["last_checkpoint_epoch=2.pt", "model.pt"]
 
+    leftover = tmp_path / ".last_checkpoint_epoch=3.pt.k1ll3d.tmp"  # what a SIGKILL during torch.save leaves
+    leftover.write_bytes(b"partial")
     # "new process": other global RNG states, then the same construction (set_determinism) + resume
     random.seed(99), np.random.seed(99), torch.manual_seed(99)
     resumed = build_run(tmp_path, resume=True)
@@ -220,7 +222,7 @@ def test_resume_switch_and_missing_checkpoint(tmp_path, caplog):
     assert run["log"]["start_epoch"] == 1 and run["resume"].loaded_path is None
     assert "no 'last' checkpoint" in caplog.text and "starting from scratch" in caplog.text
 
-    # resume=False with a checkpoint of an earlier run: warns, starts at epoch 1, prunes the stale file at its first save
+    # resume=False with a checkpoint of an earlier run: warns, starts at epoch 1, prunes the stale file on saving
     stale = tmp_path / "last_checkpoint_epoch=9.pt"
     (tmp_path / "last_checkpoint_epoch=1.pt").rename(stale)
     fresh = build_run(tmp_path, resume=False)

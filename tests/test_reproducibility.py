@@ -1,4 +1,4 @@
-"""A fixed seed on CPU gives identical losses and weights: set_determinism + monai.data.DataLoader, as in the bundles."""
+"""A fixed seed on CPU gives identical losses and weights (set_determinism + monai.data.DataLoader, as the bundles)."""
 
 from __future__ import annotations
 
