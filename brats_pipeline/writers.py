@@ -148,7 +148,8 @@ class RecordStartTimed(Transform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        d[self.key] = time.time()
+        # a string survives collation exactly: as a float, engines may cast it to float32 (128 s resolution)
+        d[self.key] = repr(time.time())
         return d
 
 
@@ -356,7 +357,10 @@ class SaveLabelMapd(MapTransform):
         now = time.time()
         start = d.get(self.timestamp_key) if self.timestamp_key else None
         if start is not None:
-            elapsed, since = now - float(torch.as_tensor(start).reshape(-1)[0]), "since its pre-processing started"
+            if isinstance(start, (list, tuple)):
+                start = start[0]
+            start = float(start) if isinstance(start, str) else float(torch.as_tensor(start).reshape(-1)[0])
+            elapsed, since = now - start, "since its pre-processing started"
         else:
             elapsed, since = now - self._last_time, "since the previous case"
         self._last_time = now

@@ -15,7 +15,7 @@ from monai.networks.layers.utils import get_act_layer, get_norm_layer
 from monai.networks.nets import SegResNet
 from monai.utils import UpsampleMode
 
-__all__ = ["SegResNetVAE2018", "SegResNetVAEOutput", "segmentation_state_dict"]
+__all__ = ["SegResNetVAE2018", "SegResNetVAEOutput", "SegmentationWeights", "segmentation_state_dict"]
 
 #: Every module of the VAE branch is named ``vae_*``; the remaining state-dict keys are MONAI ``SegResNet``'s.
 VAE_PREFIX = "vae_"
@@ -272,3 +272,29 @@ class SegResNetVAE2018(SegResNet):
         net = SegResNet(**self.segresnet_kwargs)
         net.load_state_dict(self.segmentation_state_dict())
         return net.to(next(self.parameters()).device).train(self.training)
+
+
+class SegmentationWeights:
+    """Checkpoint view of a :class:`SegResNetVAE2018`: its segmentation weights only.
+
+    Put it in a ``CheckpointSaver``'s ``save_dict`` (``{"model": SegmentationWeights(network)}``) so that the
+    saved ``model.pt`` loads strictly into a plain MONAI ``SegResNet``: the inference bundle and TorchScript
+    export then need no VAE code. A ``DistributedDataParallel`` wrapper is looked through.
+    """
+
+    def __init__(self, network: nn.Module) -> None:
+        self.network = network
+
+    def _module(self) -> nn.Module:
+        return getattr(self.network, "module", self.network)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return segmentation_state_dict(self._module())
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
+        """Load segmentation weights; the VAE branch keeps its current weights."""
+        result = self._module().load_state_dict(state_dict, strict=False)
+        missing = [k for k in result.missing_keys if not any(p.startswith(VAE_PREFIX) for p in k.split("."))]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"segmentation weights do not match: missing {missing}, unexpected {result.unexpected_keys}")
+        return result
