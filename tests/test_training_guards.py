@@ -181,8 +181,12 @@ def label_files(tmp_path) -> dict[str, str]:
     return files
 
 
-def test_label_values(label_files):
+def test_label_values(label_files, tmp_path):
     assert label_values(label_files["good_2018"]).tolist() == [0, 1, 2, 4]
+    full = write_nifti(tmp_path / "no_background.nii.gz", np.full((4, 4, 4), 2, np.uint8))
+    assert label_values(full).tolist() == [2]
+    empty = write_nifti(tmp_path / "empty.nii.gz", np.zeros((4, 4, 4), np.uint8))
+    assert label_values(empty).tolist() == [0]
     assert label_values(label_files["has_3"]).dtype == np.uint8
     assert label_values(label_files["int16_2018"]).tolist() == [0, 1, 2, 4]
     assert label_values(label_files["float_half"]).tolist() == [0.0, 0.5, 1.0, 2.0, 4.0]
