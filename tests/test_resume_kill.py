@@ -3,7 +3,7 @@ uninterrupted run.
 
 Runs ``python -m monai.bundle run training`` on ``bundles/segresnet_vae/configs/train.json`` as real subprocesses on
 a synthetic BraTS 2023 dataset (4 cases of 32^3, 2 folds: 2 training and 2 validation cases, 2 iterations per epoch,
-4 epochs, killed in epoch 3, ``init_filters`` 8). The reliability wiring (resume, atomic checkpoints, RNG and
+4 epochs, killed in epoch 3, width 8, 16^3 crops). The reliability wiring (resume, atomic checkpoints, RNG and
 best-metric state, NaN guard, label check) is applied as an overlay by :func:`reliability_overlay`, so the test does
 not depend on it being wired into ``train.json`` yet; applied to a ``train.json`` that already has it, the overlay
 changes nothing.
@@ -32,45 +32,18 @@ EPOCHS = 4
 ITERS_PER_EPOCH = 2
 KILL_EPOCH = 3
 
-#: The reliability wiring of train.json (the keys to add or replace there); see also reliability_overlay.
+ATOMIC_SAVER = "brats_pipeline.checkpointing.AtomicCheckpointSaver"
+NAN_GUARD = "brats_pipeline.training_guards.NonFiniteLossGuard"
+#: New keys of the reliability wiring of train.json; reliability_overlay adds the edits of existing entries.
 RELIABILITY_KEYS: dict = {
     "+imports": ["$import brats_pipeline.checkpointing", "$import brats_pipeline.training_guards"],
     "resume": False,
     "check_labels": True,
-    "train#checkpoint_dict": {
-        "model": "@network",
-        "optimizer": "@optimizer",
-        "lr_scheduler": "@lr_scheduler",
-        "trainer": "@train#trainer",
-        "rng": {"_target_": "brats_pipeline.checkpointing.RNGStates", "source": "@train#dataloader"},
-        "best": {
-            "_target_": "brats_pipeline.checkpointing.EvaluatorBestMetric",
-            "evaluator": "@validate#evaluator",
-            "saver": "@validate#best_checkpoint",
-        },
-        "scaler": {"_target_": "brats_pipeline.checkpointing.GradScalerState", "trainer": "@train#trainer"},
-    },
-    "train#last_checkpoint": {
-        "_target_": "brats_pipeline.checkpointing.AtomicCheckpointSaver",
-        "save_dir": "@ckpt_dir",
-        "save_dict": "@train#checkpoint_dict",
-        "file_prefix": "last",
-        "save_interval": 1,
-        "epoch_level": True,
-        "n_saved": 1,
-    },
     "train#resume_from_checkpoint": {
         "_target_": "brats_pipeline.checkpointing.ResumeFromCheckpoint",
         "ckpt_dir": "@ckpt_dir",
         "load_dict": "@train#checkpoint_dict",
         "enabled": "@resume",
-    },
-    "validate#best_checkpoint": {
-        "_target_": "brats_pipeline.checkpointing.AtomicCheckpointSaver",
-        "save_dir": "@ckpt_dir",
-        "save_dict": {"model": "@network"},
-        "save_key_metric": True,
-        "key_metric_filename": "model.pt",
     },
     "run": [
         "$brats_pipeline.training_guards.check_label_files(@train_files + @val_files, @label_convention) "
@@ -80,24 +53,49 @@ RELIABILITY_KEYS: dict = {
         "$@train#trainer.run()",
     ],
 }
-NAN_GUARD_TARGET = "brats_pipeline.training_guards.NonFiniteLossGuard"
+#: What the trainer checkpoint holds besides model, optimizer, lr_scheduler and trainer.
+EXTRA_STATE: dict = {
+    "rng": {"_target_": "brats_pipeline.checkpointing.RNGStates", "source": "@train#dataloader"},
+    "best": {
+        "_target_": "brats_pipeline.checkpointing.EvaluatorBestMetric",
+        "evaluator": "@validate#evaluator",
+        "saver": "@validate#best_checkpoint",
+    },
+    "scaler": {"_target_": "brats_pipeline.checkpointing.GradScalerState", "trainer": "@train#trainer"},
+}
 
 
 def reliability_overlay(base: dict) -> dict:
-    """:data:`RELIABILITY_KEYS` plus ``train#handlers`` with the NaN/Inf guard first and ``validate#handlers`` with its
-    ``CheckpointSaver`` entry replaced by ``@validate#best_checkpoint`` (no-ops where ``base`` has them already)."""
+    """The reliability wiring as an overlay of ``base`` (train.json), following its current savers:
+
+    * :data:`RELIABILITY_KEYS`;
+    * ``train#checkpoint_dict`` = the ``save_dict`` of ``train#last_checkpoint`` + :data:`EXTRA_STATE`, and
+      ``train#last_checkpoint`` itself as an ``AtomicCheckpointSaver`` saving ``@train#checkpoint_dict``;
+    * ``validate#best_checkpoint`` = the evaluator's ``CheckpointSaver`` entry as an ``AtomicCheckpointSaver``,
+      referenced from ``validate#handlers`` in its place;
+    * the NaN/Inf guard first in ``train#handlers``.
+
+    Parts that ``base`` already has are left as they are.
+    """
 
     def is_saver(h) -> bool:
         return isinstance(h, dict) and str(h.get("_target_", "")).endswith("CheckpointSaver")
 
     overlay = copy.deepcopy(RELIABILITY_KEYS)
-    train_handlers = base["train"]["handlers"]
-    if not any(isinstance(h, dict) and h.get("_target_") == NAN_GUARD_TARGET for h in train_handlers):
-        train_handlers = [{"_target_": NAN_GUARD_TARGET}] + train_handlers
-    overlay["train#handlers"] = train_handlers
-    overlay["validate#handlers"] = [
-        "@validate#best_checkpoint" if is_saver(h) else h for h in base["validate"]["handlers"]
-    ]
+    train, validate = base["train"], base["validate"]
+    if "checkpoint_dict" not in train:
+        overlay["train#checkpoint_dict"] = {**train["last_checkpoint"]["save_dict"], **EXTRA_STATE}
+        overlay["train#last_checkpoint"] = {
+            **train["last_checkpoint"],
+            "_target_": ATOMIC_SAVER,
+            "save_dict": "@train#checkpoint_dict",
+        }
+    if "best_checkpoint" not in validate:
+        (entry,) = [h for h in validate["handlers"] if is_saver(h)]
+        overlay["validate#best_checkpoint"] = {**entry, "_target_": ATOMIC_SAVER}
+        overlay["validate#handlers"] = ["@validate#best_checkpoint" if h is entry else h for h in validate["handlers"]]
+    if not any(isinstance(h, dict) and h.get("_target_") == NAN_GUARD for h in train["handlers"]):
+        overlay["train#handlers"] = [{"_target_": NAN_GUARD}] + train["handlers"]
     return overlay
 
 
@@ -108,8 +106,8 @@ def bundle(tmp_path_factory) -> dict:
     tiny = {
         "dataset_dir": str(tmp / "data"),
         "num_folds": 2,
-        "network_def#init_filters": 8,  # GroupNorm(8 groups) needs a multiple of 8
-        "roi_size": [32, 32, 32],
+        "network_width": 8,  # init_filters; GroupNorm(8 groups) needs a multiple of 8
+        "roi_size": [16, 16, 16],  # crops for training; validation runs on the whole 32^3 volumes
         "epochs": EPOCHS,
         "num_workers": 0,
         "cache_rate": 1.0,
