@@ -21,15 +21,19 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
+import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
-from monai.config import NdarrayOrTensor
+from monai.config import KeysCollection, NdarrayOrTensor
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation
 from scipy import ndimage
 
@@ -333,6 +337,65 @@ def _load_t1c(image: str | os.PathLike, channel: int | None) -> tuple[nib.spatia
     return img, data
 
 
+class SaveOverlayd(MapTransform):
+    """Write :func:`overlay_figure` for each case of an inference run: ``<output_dir>/<case_id>_overlay.png``.
+
+    Place it after the label map is back in the input's geometry (after ``Invertd`` and the label conversion).
+    The T1c slices are read again from the case's T1c file (``filename_or_obj`` of ``image_key``'s meta: the
+    first channel file, T1c, or the 4-D MSD image), so orientation and spacing come from its header.
+
+    Args:
+        keys: the label-map key, ``(1, H, W, D)`` in the dataset's convention.
+        output_dir: folder of the PNGs.
+        convention: label convention of the map.
+        image_key: key whose meta names the source image file.
+        case_id_key: data key holding the case id (the file stem otherwise).
+        enabled: ``False`` makes the transform a no-op (a config switch).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        output_dir: str | os.PathLike = "overlays",
+        convention: str | LabelConvention = "brats2018",
+        image_key: str = "image",
+        case_id_key: str = "case_id",
+        enabled: bool = True,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.output_dir = Path(output_dir)
+        self.convention = convention
+        self.image_key = image_key
+        self.case_id_key = case_id_key
+        self.enabled = enabled
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        if not self.enabled:
+            return d
+        image = d.get(self.image_key)
+        source = image.meta.get("filename_or_obj") if isinstance(image, MetaTensor) else None
+        if isinstance(source, (list, tuple)):
+            source = source[0]
+        if not source:
+            raise ValueError(f"SaveOverlayd: '{self.image_key}' carries no source file name in its meta")
+        img, t1c = _load_t1c(source, None)
+        case_id = str(d.get(self.case_id_key) or Path(str(source)).name.split(".")[0])
+        for key in self.key_iterator(d):
+            label = np.asarray(d[key].detach().cpu() if isinstance(d[key], torch.Tensor) else d[key])
+            label = label[0] if label.ndim == 4 else label
+            overlay_figure(
+                t1c,
+                label,
+                convention=self.convention,
+                affine=img.affine,
+                out_path=self.output_dir / f"{case_id}_overlay.png",
+                title=case_id,
+            )
+        return d
+
+
 def overlay(
     image: str,
     pred: str,
@@ -369,6 +432,7 @@ def curves(log_dir: str, out_path: str, smoothing: float = 0.0, title: str | Non
 __all__: Sequence[str] = (
     "BRATS_PALETTE",
     "VIEWS",
+    "SaveOverlayd",
     "overlay_figure",
     "read_scalars",
     "training_curves_figure",
