@@ -40,7 +40,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from brats_pipeline.bundle_support import bundle_root_of, derive_bundle_root
 from brats_pipeline.datalist import build_datalist
-from brats_pipeline.labels import get_convention
+from brats_pipeline.labels import get_convention, regions_to_label
 from brats_pipeline.synthetic import generate_dataset
 from custom_networks.segresnet_vae import VAE_PREFIX, SegResNetVAE2018
 
@@ -98,7 +98,6 @@ class BundleRun:
         self.log_file = log_dir / f"{self.name}.log"
         with open(self.log_file, "w") as log:
             self.proc = subprocess.Popen(self.command, cwd=self.cwd, env=ENV, stdout=log, stderr=subprocess.STDOUT)
-        self.started = time.perf_counter()
         self.started_at = time.time()
         return self
 
@@ -110,7 +109,7 @@ class BundleRun:
                 if self.proc.poll() is None:
                     self.proc.kill()
                     self.proc.wait()
-            self.seconds = time.perf_counter() - self.started
+            self.seconds = self.log_file.stat().st_mtime - self.started_at  # its last output, not when we waited
             self.output = self.log_file.read_text()
         return self
 
@@ -207,8 +206,8 @@ def runs(work: Path, overlay: Path) -> dict[str, BundleRun]:
       ``--network_width 8 --epochs 1``; bundle_root ``work/inside``.
     - ``evaluate``: train.json + evaluate.json on ``work/trained`` (its best model.pt, the fold-0 cases).
     - ``infer_folder``: inference.json with only ``models/model.pt`` (copied from ``train``) in ``work/deploy``, on two
-      unlabelled cases of a size that is not a multiple of 8, with mirror-flip TTA, a 16^3 sliding window and a
-      second ensemble member (untrained weights).
+      unlabelled cases of a size that is not a multiple of 8, with mirror-flip TTA, a 16^3 sliding window, a
+      second ensemble member (untrained weights) and the probability maps saved.
     - ``infer_real``: inference.json on the real BraTS 2023 case (if present) with untrained width-8 weights,
       whole-volume mode; bundle_root ``work/random``.
     """
@@ -250,6 +249,7 @@ def runs(work: Path, overlay: Path) -> dict[str, BundleRun]:
             "--inference_mode", "sliding_window",
             "--sw_roi_size", "[16,16,16]",
             "--ensemble_checkpoints", f"['{random_weights}']",
+            "--save_probabilities", "True",
         ),
         "infer_real": BundleRun(
             "infer_real", "run",
@@ -566,15 +566,23 @@ def test_evaluate(runs: dict[str, BundleRun], work: Path, synthetic_dataset: Pat
 
 @pytest.mark.slow
 def test_inference_on_a_folder(runs: dict[str, BundleRun], work: Path):
-    """The deployed model.pt alone, mirror-flip TTA, a sliding window and a second ensemble member, on cases whose
-    size is not a multiple of 8."""
+    """The deployed model.pt alone, mirror-flip TTA, a sliding window, a second ensemble member and the probability
+    maps, on cases whose size is not a multiple of 8."""
     output = runs["infer_folder"].check()
     assert f"ensemble member 1 loaded from {work / 'random' / 'models' / 'model.pt'}" in output
     cases = sorted(p for p in (work / "to_segment").iterdir() if p.is_dir())
-    predictions = sorted((work / "deploy" / "eval" / "predictions").iterdir())
-    assert [p.name for p in predictions] == [f"{c.name}.nii.gz" for c in cases]
-    for pred, case in zip(predictions, cases, strict=True):
-        assert_label_map(pred, image_of(case))
+    out_dir = work / "deploy" / "eval" / "predictions"
+    expected = [f"{c.name}{postfix}.nii.gz" for c in cases for postfix in ("", "_prob")]
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(expected)
+    for case in cases:
+        label = assert_label_map(out_dir / f"{case.name}.nii.gz", image_of(case))
+        prob_file = nib.load(out_dir / f"{case.name}_prob.nii.gz")
+        assert prob_file.shape == (*label.shape, 3) and prob_file.get_data_dtype() == np.float32
+        np.testing.assert_allclose(prob_file.affine, nib.load(image_of(case)).affine, atol=1e-5)
+        prob = np.moveaxis(np.asarray(prob_file.dataobj), -1, 0)  # TC, WT, ET
+        assert prob.min() >= 0.0 and prob.max() <= 1.0
+        # the label map is the thresholded probabilities (AsDiscreted: >= 0.5), nested as RegionsToLabel does
+        np.testing.assert_array_equal(regions_to_label(torch.from_numpy(prob >= 0.5), "brats2023")[0].numpy(), label)
 
 
 @pytest.mark.slow
