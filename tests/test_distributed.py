@@ -51,7 +51,7 @@ def test_torchrun_two_ranks_gloo(bundle: str, synthetic_dataset: Path, tmp_path:
         str(overlay_file),
     ]
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         "-m", "monai.bundle", "run", "training", "--config_file", repr(configs),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
