@@ -206,7 +206,7 @@ def runs(work: Path, overlay: Path) -> dict[str, BundleRun]:
       ``--network_width 8 --epochs 1``; bundle_root ``work/inside``.
     - ``evaluate``: train.json + evaluate.json on ``work/trained`` (its best model.pt, the fold-0 cases).
     - ``infer_folder``: inference.json with only ``models/model.pt`` (copied from ``train``) in ``work/deploy``, on two
-      unlabelled cases of a size that is not a multiple of 8, with mirror-flip TTA, a 16^3 sliding window, a
+      unlabelled cases of a size that is not a multiple of 8, with mirror-flip TTA, a 24^3 sliding window, a
       second ensemble member (untrained weights) and the probability maps saved.
     - ``infer_real``: inference.json on the real BraTS 2023 case (if present) with untrained width-8 weights,
       whole-volume mode; bundle_root ``work/random``.
@@ -247,7 +247,7 @@ def runs(work: Path, overlay: Path) -> dict[str, BundleRun]:
             "--network_def#init_filters", str(WIDTH),
             "--tta", "True",
             "--inference_mode", "sliding_window",
-            "--sw_roi_size", "[16,16,16]",
+            "--sw_roi_size", "[24,24,24]",
             "--ensemble_checkpoints", f"['{random_weights}']",
             "--save_probabilities", "True",
         ),
