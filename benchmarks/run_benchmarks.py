@@ -89,6 +89,8 @@ QUICK_SIZES: dict[str, Any] = {
 }
 
 SEGRESNET_BLOCKS = {"blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1]}
+#: cases in an epoch of the BraTS 2018 training set (the paper's), for the epoch-equivalent column
+EPOCH_CASES = 285
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -442,7 +444,13 @@ def run_inference_worker(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("tta"):
         # the plain runs above warmed this process up (same shapes, same kernels)
         phases.append(("tta", True, 0, spec.get("tta_repeats", 1)))
-    result: dict[str, Any] = {"pipeline": spec["pipeline"], "width": spec["width"], "phases": {}}
+    result: dict[str, Any] = {
+        "pipeline": spec["pipeline"],
+        "width": spec["width"],
+        "label": spec.get("label"),
+        "overrides": spec.get("overrides"),
+        "phases": {},
+    }
     for phase, tta, warmup, repeats in phases:
         root = work / phase
         shutil.rmtree(root, ignore_errors=True)
@@ -649,12 +657,31 @@ def run_peak_worker(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _cache_stats(dataset) -> tuple[float, str]:
+    """``(MiB, digest of the bytes)`` of the tensors a ``CacheDataset`` holds (``(0, "")`` for a plain dataset)."""
+    import hashlib
+
+    import torch
+
+    total, digest = 0, hashlib.blake2b(digest_size=16)
+    for item in getattr(dataset, "_cache", None) or []:
+        for value in item.values() if isinstance(item, dict) else ():
+            if isinstance(value, torch.Tensor):
+                array = torch.as_tensor(value).detach().cpu().contiguous().numpy()
+                total += array.nbytes
+                digest.update(array.tobytes())
+    return total / 2**20, digest.hexdigest() if total else ""
+
+
 def run_data_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Cases per second of a bundle's training input pipeline (``train#dataset``) under several loaders.
 
-    Spec keys: ``bundle``, ``dataset_dir``, ``roi_size`` and ``num_folds`` (``None``: the bundle's), ``loaders``: a list of
-    ``{"cache": bool, "loader": "DataLoader" | "ThreadDataLoader", "workers": int}``, ``cache_workers``
-    (CacheDataset's fill threads), ``warmup``/``repeats`` (epochs), ``threads``.
+    Spec keys: ``bundle``, ``dataset_dir``, ``roi_size`` and ``num_folds`` (``None``: the bundle's);
+    ``loaders``: a list of ``{"cache": bool, "loader": "DataLoader" | "ThreadDataLoader", "workers": int}``,
+    optionally ``"copy_cache": False`` (``CacheDataset`` then hands out its cached items without the default
+    deep copy; the worker checks that an epoch leaves the cache unchanged); ``cache_workers`` (CacheDataset's
+    fill threads); ``warmup`` (epochs before the first loader of each dataset: warms the page cache) and
+    ``repeats`` (timed epochs per loader); ``threads``.
     """
     import torch
     from monai.bundle import ConfigWorkflow
@@ -685,10 +712,14 @@ def run_data_worker(spec: dict[str, Any]) -> dict[str, Any]:
         t0 = time.perf_counter()
         dataset = workflow.parser.get_parsed_content("train#dataset")
         fill_s = time.perf_counter() - t0
+        cache_mib, checksum = _cache_stats(dataset)
         batch_size = int(workflow.parser.get_parsed_content("batch_size"))
+        warmup = spec.get("warmup", 1)
         for cfg in spec["loaders"]:
             if bool(cfg["cache"]) != cache:
                 continue
+            if hasattr(dataset, "copy_cache"):
+                dataset.copy_cache = bool(cfg.get("copy_cache", True))
             cls = ThreadDataLoader if cfg["loader"] == "ThreadDataLoader" else DataLoader
             torch.manual_seed(0)
             loader = cls(dataset, batch_size=batch_size, shuffle=True, num_workers=int(cfg["workers"]))
@@ -697,17 +728,20 @@ def run_data_worker(spec: dict[str, Any]) -> dict[str, Any]:
                 for _ in loader:
                     pass
 
-            warm, times = time_runs(epoch, spec.get("warmup", 1), spec.get("repeats", 3))
-            rows.append(
-                {
-                    **cfg,
-                    "cases": len(dataset),
-                    "batch_size": batch_size,
-                    "fill_s": fill_s if cache else 0.0,
-                    "epoch_times_s": times,
-                    "cases_per_s": len(dataset) / median(times),
-                }
-            )
+            _, times = time_runs(epoch, warmup, spec.get("repeats", 3))
+            warmup = 0
+            row = {
+                **cfg,
+                "cases": len(dataset),
+                "batch_size": batch_size,
+                "fill_s": fill_s if cache else None,
+                "cache_mib": cache_mib if cache else None,
+                "epoch_times_s": times,
+                "cases_per_s": len(dataset) * len(times) / sum(times),
+            }
+            if cache and not cfg.get("copy_cache", True):
+                row["cache_unchanged"] = _cache_stats(dataset)[1] == checksum
+            rows.append(row)
     return {"bundle": spec["bundle"], "rows": rows, "peak_rss_mib": peak_rss_mib()}
 
 
@@ -985,6 +1019,7 @@ def training_table(results: list[dict[str, Any]], peak: dict[str, Any] | None) -
                 gflop,
                 gflop / t,
                 None if not fp32_peak else 100 * gflop / t / fp32_peak,
+                EPOCH_CASES / r["batch_size"] * t / 60,
                 r["peak_rss_mib"],
                 r["gpu_peak_mib"],
             ]
@@ -1000,6 +1035,7 @@ def training_table(results: list[dict[str, Any]], peak: dict[str, Any] | None) -
         "GFLOP fwd+bwd",
         "GFLOP/s",
         "% fp32 peak",
+        f"{EPOCH_CASES} cases x step, min",
         "peak RSS MiB",
         "peak GPU MiB",
     ]
@@ -1016,14 +1052,21 @@ def data_table(results: list[dict[str, Any]], step_s: dict[str, float | None]) -
         step = step_s.get(r["bundle"])
         for row in r["rows"]:
             per_batch = row["batch_size"] / row["cases_per_s"]
+            dataset = "no cache (cache_rate 0)"
+            if row["cache"]:
+                dataset = "CacheDataset (cache_rate 1)"
+                if not row.get("copy_cache", True):
+                    unchanged = row.get("cache_unchanged")
+                    dataset += ", copy_cache=False" + ("" if unchanged else " (CACHE MODIFIED)")
             rows.append(
                 [
                     r["bundle"],
-                    "CacheDataset (cache_rate 1)" if row["cache"] else "no cache (cache_rate 0)",
+                    dataset,
                     row["loader"],
                     row["workers"],
                     row["cases"],
-                    row["fill_s"] if row["cache"] else None,
+                    row["fill_s"],
+                    None if row.get("cache_mib") is None else row["cache_mib"] / row["cases"],
                     row["cases_per_s"],
                     per_batch,
                     step,
@@ -1037,6 +1080,7 @@ def data_table(results: list[dict[str, Any]], step_s: dict[str, float | None]) -
         "workers",
         "cases",
         "cache fill s",
+        "cache MiB / case",
         "cases / s",
         "s / batch",
         "train step s",
@@ -1122,10 +1166,14 @@ def levers_table(results: list[dict[str, Any]], inference: list[dict[str, Any]])
     # brain-bounding-box crop: the same SegResNet (width 16) in the Model Zoo row (whole volume) and ours (crop)
     zoo = next((r for r in inference if r.get("pipeline") == "model_zoo" and "phases" in r), None)
     ours = next(
-        (r for r in inference if r.get("pipeline") == "segresnet_vae" and r.get("width") == 16 and "phases" in r),
+        (
+            r
+            for r in inference
+            if r.get("pipeline") == "segresnet_vae" and r.get("width") == 16 and "phases" in r and not r.get("label")
+        ),
         None,
     )
-    if zoo and ours and not ours.get("label"):
+    if zoo and ours:
         whole = median(zoo["phases"]["plain"]["forward_times_s"])
         crop = median(ours["phases"]["plain"]["forward_times_s"])
         for variant, info, t in (
@@ -1166,23 +1214,31 @@ def build_plan(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     plan: dict[str, list[dict[str, Any]]] = {s: [] for s in SECTIONS}
     plan["flops"].append({"kind": "peak", "threads": args.threads, "size": args.matmul_size, "warmup": 1, "repeats": 5})
     case_dir = args.case_dir
+    amp_cpu = {"inferer#amp": True}  # BratsInferer's own autocast: bf16 on CPU (the evaluator's amp is CUDA-only)
     inference_rows = [
-        ("model_zoo", 16, False),
-        ("segresnet_vae", 16, True),
-        ("segresnet_vae", 32, True),
-        ("espnet3d", 32, True),
+        ("model_zoo", 16, False, None, None),
+        ("segresnet_vae", 16, True, None, None),
+        ("segresnet_vae", 32, True, None, None),
+        ("espnet3d", 32, True, None, None),
     ]
-    for pipeline, width, tta in inference_rows:
+    if args.amp_rows:
+        inference_rows += [
+            ("segresnet_vae", 16, False, amp_cpu, "segresnet_vae, inferer amp"),
+            ("espnet3d", 32, False, amp_cpu, "espnet3d, inferer amp"),
+        ]
+    for i, (pipeline, width, tta, overrides, label) in enumerate(inference_rows):
         plan["inference"].append(
             {
                 "kind": "inference",
                 "pipeline": pipeline,
                 "width": width,
+                "label": label,
+                "overrides": overrides,
                 "tta": tta and not args.no_tta,
                 "tta_repeats": args.tta_repeats,
                 "case_dir": case_dir,
                 "zoo_roi_size": list(sizes["zoo_roi_size"]),
-                "work_dir": str(work / f"inference_{pipeline}_{width}"),
+                "work_dir": str(work / f"inference_{i}_{pipeline}_{width}"),
                 **common,
             }
         )
@@ -1214,6 +1270,7 @@ def build_plan(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     )
     loaders = [{"cache": c, "loader": "DataLoader", "workers": w} for c in (False, True) for w in (0, 1, 2)]
     loaders += [{"cache": c, "loader": "ThreadDataLoader", "workers": 0} for c in (False, True)]
+    loaders.append({"cache": True, "copy_cache": False, "loader": "ThreadDataLoader", "workers": 0})
     for bundle in ("segresnet_vae", "espnet3d"):
         plan["data"].append(
             {
@@ -1224,8 +1281,8 @@ def build_plan(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
                 "loaders": loaders,
                 "cache_workers": args.threads,
                 "threads": args.threads,
-                "warmup": 1,
-                "repeats": args.repeats,
+                "warmup": args.warmup,
+                "repeats": args.data_epochs,
             }
         )
     variants = [v for v in LEVER_VARIANTS if args.compile or v != "compile"]
@@ -1271,17 +1328,19 @@ def run_plan(args: argparse.Namespace) -> dict[str, Any]:
         if section not in sections and not (section == "flops" and {"training", "inference"} & set(sections)):
             continue
         results[section] = []
+        t_section = time.perf_counter()
         for spec in plan[section]:
             label = spec.get("pipeline") or spec.get("model") or spec.get("bundle") or spec["kind"]
             _log(f"{section}: {label} {spec.get('width', '')} ...")
             out = run_worker(spec, timeout_s=args.worker_timeout or None)
-            out.setdefault("label", None)
+            out.setdefault("label", spec.get("label"))
             if "error" in out:
                 out["label"] = f"{label} {spec.get('width', '')}".strip()
                 _log(f"  FAILED: {out['error'][-500:]}")
             else:
                 _log(f"  done in {out['wall_s']:.0f} s")
             results[section].append(out)
+        results.setdefault("section_s", {})[section] = time.perf_counter() - t_section
     results["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     return results
 
@@ -1331,11 +1390,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--row-budget",
         type=float,
-        default=0.0,
+        default=60.0,
         help="stop a row's timed runs once they add up to this many seconds (0: always --repeats)",
     )
+    p.add_argument("--data-epochs", type=int, default=2, help="timed epochs per loader in the data section")
     p.add_argument("--tta-repeats", type=int, default=1, help="timed TTA runs (after the plain runs warmed up)")
     p.add_argument("--no-tta", action="store_true", help="skip the TTA rows")
+    p.add_argument(
+        "--amp-rows",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="add inference rows with the bundles' inferer#amp=True (bf16 autocast on CPU)",
+    )
     p.add_argument("--quick", action="store_true", help="small synthetic volumes and crops")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
@@ -1382,7 +1448,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if own_work_dir:
             shutil.rmtree(args.work_dir, ignore_errors=True)
     results["total_s"] = time.perf_counter() - t0
-    text = report(results) + f"\nTotal benchmark time: {results['total_s'] / 60:.1f} min\n"
+    sections = ", ".join(f"{k} {v / 60:.1f}" for k, v in results.get("section_s", {}).items())
+    text = report(results) + f"\nTotal benchmark time: {results['total_s'] / 60:.1f} min ({sections})\n"
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

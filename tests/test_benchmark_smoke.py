@@ -73,6 +73,7 @@ def results(bench, synthetic_dataset, tmp_path_factory):
                 "loaders": [
                     {"cache": False, "loader": "DataLoader", "workers": 0},
                     {"cache": True, "loader": "ThreadDataLoader", "workers": 0},
+                    {"cache": True, "copy_cache": False, "loader": "ThreadDataLoader", "workers": 0},
                 ],
                 "num_folds": 2,
                 "cache_workers": 1,
@@ -138,10 +139,12 @@ def test_training_rows(results):
 
 def test_data_rows(results):
     rows = results["data"][0]["rows"]
-    assert [r["cache"] for r in rows] == [False, True]
+    assert [r["cache"] for r in rows] == [False, True, True]
     for r in rows:
         assert r["cases"] >= 1 and r["cases_per_s"] > 0
-    assert rows[1]["fill_s"] > 0 and rows[1]["loader"] == "ThreadDataLoader"
+    assert rows[0]["cache_mib"] is None and rows[1]["fill_s"] > 0 and rows[1]["cache_mib"] > 0
+    # the random transforms after the cache point leave the cached items intact without the defensive copy
+    assert rows[2]["cache_unchanged"] is True
 
 
 def test_lever_rows(results):
