@@ -807,7 +807,7 @@ def _lever_variant(name: str, network, images: list, reference: list, spec: dict
             _region_dice(ref, _regions_of(spec["pipeline"], forward(x)))
             for x, ref in zip(checked, reference, strict=False)
         ]
-    if compiled and len(inputs) > 1 and inputs[1].shape != inputs[0].shape:
+    if compiled and spec.get("recompile_check") and len(inputs) > 1 and inputs[1].shape != inputs[0].shape:
         try:
             t0 = time.perf_counter()
             forward(inputs[1])
@@ -1091,7 +1091,12 @@ def data_table(results: list[dict[str, Any]], step_s: dict[str, float | None]) -
 
 def flops_table(inference: list[dict[str, Any]], training: list[dict[str, Any]], peak: dict[str, Any] | None) -> str:
     """FLOPs per forward pass and achieved FLOP/s of the measured forward passes / iterations."""
-    fp32 = peak["float32"]["gflops"] if peak and "float32" in peak else None
+    peaks = {k: peak[k]["gflops"] for k in ("float32", "bfloat16") if peak and k in peak}
+
+    def of_peak(gflops: float | None, dtype: str) -> str:
+        short = "bf16" if dtype == "bfloat16" else "fp32"
+        return "—" if not gflops or dtype not in peaks else f"{100 * gflops / peaks[dtype]:.1f} ({short})"
+
     rows = []
     for r in inference:
         info = r.get("phases", {}).get("plain")
@@ -1099,6 +1104,7 @@ def flops_table(inference: list[dict[str, Any]], training: list[dict[str, Any]],
             continue
         gflop = info["flops_per_forward"] / 1e9
         fwd = median(info["forward_times_s"])
+        dtype = "bfloat16" if (r.get("overrides") or {}).get("inferer#amp") else "float32"
         rows.append(
             [
                 f"{r.get('label') or INFERENCE_LABELS[r['pipeline']]} w{r['width']}",
@@ -1107,7 +1113,7 @@ def flops_table(inference: list[dict[str, Any]], training: list[dict[str, Any]],
                 gflop,
                 fwd,
                 None if not fwd else gflop / fwd,
-                None if not (fwd and fp32) else 100 * gflop / fwd / fp32,
+                of_peak(None if not fwd else gflop / fwd, dtype),
             ]
         )
     for r in training:
@@ -1122,9 +1128,9 @@ def flops_table(inference: list[dict[str, Any]], training: list[dict[str, Any]],
         gflop = r["flops_per_iteration"] / 1e9
         rows.append(
             [f"{TRAINING_LABELS[r['model']]} w{r['width']}", "training iteration", crop, gflop, t, gflop / t]
-            + [None if not fp32 else 100 * gflop / t / fp32]
+            + [of_peak(gflop / t, "float32")]
         )
-    headers = ["network", "pass", "input (B x H x W x D)", "GFLOP", "s", "GFLOP/s", "% fp32 peak"]
+    headers = ["network", "pass", "input (B x H x W x D)", "GFLOP", "s", "GFLOP/s", "% of peak"]
     return format_table(headers, rows)
 
 
@@ -1160,7 +1166,7 @@ def levers_table(results: list[dict[str, Any]], inference: list[dict[str, Any]])
                     _ratio(base, t),
                     v["compile_s"],
                     v.get("recompile_s") or ("failed" if v.get("recompile_error") else None),
-                    None if not dice else min(min(d) for d in dice),
+                    None if not dice else f"{min(min(d) for d in dice):.4f}",
                 ]
             )
     # brain-bounding-box crop: the same SegResNet (width 16) in the Model Zoo row (whole volume) and ours (crop)
@@ -1214,7 +1220,10 @@ def build_plan(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     plan: dict[str, list[dict[str, Any]]] = {s: [] for s in SECTIONS}
     plan["flops"].append({"kind": "peak", "threads": args.threads, "size": args.matmul_size, "warmup": 1, "repeats": 5})
     case_dir = args.case_dir
-    amp_cpu = {"inferer#amp": True}  # BratsInferer's own autocast: bf16 on CPU (the evaluator's amp is CUDA-only)
+    # the levers in the real pipeline: BratsInferer's own autocast (bf16 on CPU; the evaluator's amp is CUDA-only)
+    # and channels_last_3d weights (the espnet3d bundle already uses them on CPU)
+    amp = {"inferer#amp": True}
+    channels_last = {"network": "$@network_def.to(device=@device, memory_format=torch.channels_last_3d)"}
     inference_rows = [
         ("model_zoo", 16, False, None, None),
         ("segresnet_vae", 16, True, None, None),
@@ -1223,8 +1232,10 @@ def build_plan(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     ]
     if args.amp_rows:
         inference_rows += [
-            ("segresnet_vae", 16, False, amp_cpu, "segresnet_vae, inferer amp"),
-            ("espnet3d", 32, False, amp_cpu, "espnet3d, inferer amp"),
+            ("segresnet_vae", 16, False, channels_last, "segresnet_vae + channels_last"),
+            ("segresnet_vae", 16, False, {**channels_last, **amp}, "segresnet_vae + channels_last + amp"),
+            ("segresnet_vae", 32, False, {**channels_last, **amp}, "segresnet_vae + channels_last + amp"),
+            ("espnet3d", 32, False, amp, "espnet3d + amp"),
         ]
     for i, (pipeline, width, tta, overrides, label) in enumerate(inference_rows):
         plan["inference"].append(
@@ -1294,6 +1305,7 @@ def build_plan(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
                 "width": width,
                 "case_dirs": None,  # filled in once the synthetic hold-out cases exist
                 "variants": variants,
+                "recompile_check": args.recompile_check,
                 "work_dir": str(work / f"levers_{pipeline}"),
                 **common,
             }
@@ -1400,7 +1412,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--amp-rows",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="add inference rows with the bundles' inferer#amp=True (bf16 autocast on CPU)",
+        help="add inference rows with the levers set through config overrides: channels_last_3d weights and\n"
+        "inferer#amp=True (BratsInferer's autocast: bf16 on CPU)",
+    )
+    p.add_argument(
+        "--recompile-check",
+        action="store_true",
+        help="with the compile lever, also time the first call on a second case's shape (a second compile)",
     )
     p.add_argument("--quick", action="store_true", help="small synthetic volumes and crops")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
