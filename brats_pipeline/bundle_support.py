@@ -1,57 +1,13 @@
 """Small pieces the bundle configs call that MONAI's bundle runner does not provide.
 
-``python -m monai.bundle run --config_file bundles/x/configs/train.json`` treats ``bundle_root`` as an ordinary
-config key: with the Model Zoo's ``"."`` and another working directory, checkpoints land in the working
-directory. :func:`derive_bundle_root` recovers the bundle folder from the command line instead, so the same
-command works from the repository root and from inside the bundle.
+``bundle_root`` itself is computed in the configs without our code (our code may not be importable yet: in a
+downloaded bundle it lives in ``<bundle_root>/scripts``): the expression asks the ``ConfigWorkflow`` that is
+evaluating it for its ``config_root_path`` (the folder of the first ``--config_file``) and takes the folder above
+``configs/``. That covers ``python -m monai.bundle run``, ``torchrun``, ``monai.bundle.load`` and
+``ConfigWorkflow`` from Python; ``--bundle_root DIR`` still overrides it, and a bare ``ConfigParser`` gets ``"."``.
 """
 
 from __future__ import annotations
-
-import ast
-import os
-import sys
-from collections.abc import Sequence
-from pathlib import Path
-
-
-def _config_files_from_argv(argv: Sequence[str]) -> list[str]:
-    for i, arg in enumerate(argv):
-        value = None
-        if arg == "--config_file" and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif arg.startswith("--config_file="):
-            value = arg.split("=", 1)[1]
-        if value is None:
-            continue
-        value = value.strip()
-        if value.startswith("["):
-            try:
-                return [str(v) for v in ast.literal_eval(value)]
-            except (ValueError, SyntaxError):
-                return []
-        return [value]
-    return []
-
-
-def bundle_root_of(config_file: str | os.PathLike) -> str:
-    """Bundle folder of a config file: the parent of its ``configs/`` folder, else the file's own folder."""
-    parent = Path(config_file).resolve().parent
-    return str(parent.parent if parent.name == "configs" else parent)
-
-
-def derive_bundle_root(default: str = ".", argv: Sequence[str] | None = None) -> str:
-    """The bundle folder of the first ``--config_file`` on the command line, or ``default``.
-
-    Args:
-        default: returned when no config file is named on the command line (e.g. ``monai.bundle.load`` or
-            ``ConfigWorkflow`` used from Python, where callers pass ``bundle_root`` themselves).
-        argv: command line to inspect; ``sys.argv`` when omitted.
-    """
-    files = _config_files_from_argv(sys.argv if argv is None else argv)
-    if files and Path(files[0]).is_file():
-        return bundle_root_of(files[0])
-    return default
 
 
 def report_metrics(engine, title: str = "Dice per region", prefix: str = "") -> dict[str, float]:

@@ -38,7 +38,6 @@ from monai.bundle.scripts import _get_fake_spatial_shape
 from monai.networks.nets import SegResNet
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from brats_pipeline.bundle_support import bundle_root_of, derive_bundle_root
 from brats_pipeline.datalist import build_datalist
 from brats_pipeline.labels import get_convention, regions_to_label
 from brats_pipeline.synthetic import generate_dataset
@@ -63,7 +62,7 @@ NUM_FOLDS = 2
 TRAIN_CASES = 2  # 4 labelled cases in 2 folds: fold 0 validates, fold 1 trains
 BRATS2023_VALUES = set(get_convention("brats2023").values)
 #: the arguments of the plain SegResNet the bundle ships (inference.json's network_def), at the test width
-SEGRESNET_ARGS = {k: v for k, v in json.loads(INFERENCE.read_text())["network_def"].items() if k != "_target_"}
+SEGRESNET_ARGS = {k: v for k, v in json.loads(INFERENCE.read_text())["network_def"].items() if not k.startswith("_")}
 SEGRESNET_ARGS["init_filters"] = WIDTH
 
 
@@ -290,58 +289,60 @@ def runs(work: Path, overlay: Path) -> dict[str, BundleRun]:
 # ------------------------------------------------------------------------------------------------- bundle_root
 
 
-def test_derive_bundle_root_from_repository_root(monkeypatch):
+def _bundle_root(config_file, **override) -> str:
+    workflow = ConfigWorkflow(config_file=config_file, workflow_type="inference", logging_file=False, **override)
+    workflow.initialize()
+    return workflow.bundle_root  # evaluated inside the workflow, as run/load evaluate it
+
+
+def test_bundle_root_from_repository_root(monkeypatch):
     monkeypatch.chdir(REPO)
-    argv = ["monai/bundle/__main__.py", "run", "training", "--config_file", repo_relative(TRAIN)]
-    assert derive_bundle_root(argv=argv) == str(BUNDLE)
+    assert _bundle_root(repo_relative(INFERENCE)) == str(BUNDLE)
 
 
-def test_derive_bundle_root_inside_bundle_folder(monkeypatch):
+def test_bundle_root_inside_bundle_folder(monkeypatch):
     monkeypatch.chdir(BUNDLE)
-    assert derive_bundle_root(argv=["m", "run", "--config_file", "configs/train.json"]) == str(BUNDLE)
-    assert derive_bundle_root(argv=["m", "run", "--config_file=configs/inference.json"]) == str(BUNDLE)
+    assert _bundle_root("configs/inference.json") == str(BUNDLE)
 
 
-def test_derive_bundle_root_list_syntax_takes_the_first_file(monkeypatch, tmp_path):
+def test_bundle_root_first_config_file_decides(monkeypatch, tmp_path):
     overlay = tmp_path / "overlay.json"
     overlay.write_text("{}")
-    monkeypatch.chdir(BUNDLE)
-    both = "['configs/train.json', 'configs/evaluate.json']"
-    assert derive_bundle_root(argv=["m", "run", "--config_file", both]) == str(BUNDLE)
-    assert derive_bundle_root(argv=["m", "run", "--config_file", f"['configs/train.json','{overlay}']"]) == str(BUNDLE)
-    # an overlay first decides: a file outside a configs/ folder gives its own folder
-    assert derive_bundle_root(argv=["m", "run", "--config_file", f"['{overlay}','configs/train.json']"]) == str(
-        tmp_path
-    )
-
-
-def test_derive_bundle_root_fallbacks(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    assert derive_bundle_root(argv=["m", "run"]) == "."
-    assert derive_bundle_root(default="/x", argv=["m", "run", "--bundle_root", "/y"]) == "/x"
-    assert derive_bundle_root(argv=["m", "run", "--config_file", "configs/train.json"]) == "."  # not here
-    assert derive_bundle_root(argv=["m", "run", "--config_file", "['configs/train.json'"]) == "."  # malformed
-    assert derive_bundle_root(argv=["m", "run", "--config_file"]) == "."  # no value
-    assert derive_bundle_root(argv=["m", "run", "--config_file", "[]"]) == "."
-    monkeypatch.setattr(sys, "argv", ["m", "run", "--config_file", str(TRAIN)])
-    assert derive_bundle_root() == str(BUNDLE)  # sys.argv by default
+    assert _bundle_root([str(INFERENCE), str(overlay)]) == str(BUNDLE)
+    assert _bundle_root([str(overlay), str(INFERENCE)]) == str(tmp_path)  # a file outside configs/: its folder
 
 
-def test_bundle_root_of():
-    assert bundle_root_of(TRAIN) == str(BUNDLE)
-    assert bundle_root_of(REPO / "configs" / "quickstart.json") == str(REPO)  # a configs/ folder's parent
-    assert bundle_root_of(BUNDLE / "docs" / "README.md") == str(BUNDLE / "docs")
+def test_bundle_root_override_and_bare_parser(monkeypatch, tmp_path):
+    assert _bundle_root(str(INFERENCE), bundle_root=str(tmp_path)) == str(tmp_path)
+    monkeypatch.chdir(BUNDLE)
+    parser = ConfigParser()  # no workflow evaluating it: the Model Zoo's "."
+    parser.read_config(str(TRAIN))
+    assert parser.get_parsed_content("bundle_root") == "."
+
+
+def test_bundle_code_is_put_on_sys_path_only_when_shipped(monkeypatch, tmp_path):
+    """``bundle_code`` adds ``<bundle_root>/scripts`` (a packaged bundle's copy of our code) to ``sys.path``, once."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    workflow = ConfigWorkflow(config_file=str(INFERENCE), workflow_type="inference", logging_file=False)
+    workflow.initialize()
+    assert not any(p.endswith("scripts") for p in sys.path)  # the repository bundle ships no scripts/
+    (tmp_path / "scripts").mkdir()
+    for _ in range(2):
+        workflow = ConfigWorkflow(
+            config_file=str(INFERENCE), workflow_type="inference", logging_file=False, bundle_root=str(tmp_path)
+        )
+        workflow.initialize()
+    assert sys.path.count(str(tmp_path / "scripts")) == 1
 
 
 def test_config_bundle_root_is_derived(monkeypatch):
-    """train.json's ``bundle_root`` expression follows the command line (what ``run`` sees without --bundle_root)."""
-    monkeypatch.chdir(BUNDLE)
-    monkeypatch.setattr(sys, "argv", ["m", "run", "--config_file", "configs/train.json"])
+    """Both configs derive ``bundle_root`` and the output folders from it."""
+    monkeypatch.chdir(REPO)
     for config in (TRAIN, INFERENCE):
-        parser = ConfigParser()
-        parser.read_config(str(config))
-        assert parser.get_parsed_content("bundle_root") == str(BUNDLE)
-        assert parser.get_parsed_content("ckpt_dir") == str(BUNDLE / "models")
+        workflow = ConfigWorkflow(config_file=repo_relative(config), workflow_type="train", logging_file=False)
+        workflow.initialize()
+        assert workflow.parser.get_parsed_content("ckpt_dir") == str(BUNDLE / "models")
 
 
 # ------------------------------------------------------------------------------------------------- metadata, properties
@@ -405,7 +406,9 @@ def test_model_card_documents_every_train_key():
             expected.update({f"{key}#{k}": v for k, v in value.items()})
         else:
             expected[key] = value
-    expected.update({f"network_def#{k}": v for k, v in config["network_def"].items() if k != "_target_"})
+    expected.update(
+        {f"network_def#{k}": v for k, v in config["network_def"].items() if k not in ("_target_", "_requires_")}
+    )
     rows = model_card_rows()
     assert not [k for k in expected if k not in rows], "keys of train.json missing from the model card"
     for key, value in expected.items():

@@ -36,7 +36,6 @@ ATOMIC_SAVER = "brats_pipeline.checkpointing.AtomicCheckpointSaver"
 NAN_GUARD = "brats_pipeline.training_guards.NonFiniteLossGuard"
 #: New keys of the reliability wiring of train.json; reliability_overlay adds the edits of existing entries.
 RELIABILITY_KEYS: dict = {
-    "+imports": ["$import brats_pipeline.checkpointing", "$import brats_pipeline.training_guards"],
     "resume": False,
     "check_labels": True,
     "train#resume_from_checkpoint": {
@@ -45,9 +44,14 @@ RELIABILITY_KEYS: dict = {
         "load_dict": "@train#checkpoint_dict",
         "enabled": "@resume",
     },
+    "label_check": {
+        "_target_": "brats_pipeline.training_guards.check_label_files",
+        "_mode_": "callable",
+        "items": "$@train_files + @val_files",
+        "convention": "@label_convention",
+    },
     "run": [
-        "$brats_pipeline.training_guards.check_label_files(@train_files + @val_files, @label_convention) "
-        "if @check_labels else None",
+        "$@label_check() if @check_labels else None",
         "$@train#resume_from_checkpoint.attach(@train#trainer)",
         "$@train#last_checkpoint.attach(@train#trainer)",
         "$@train#trainer.run()",
