@@ -120,6 +120,10 @@ class BratsInferer(Inferer):
         amp: run the forward passes under ``torch.autocast`` (leave ``False`` when the evaluator's own
             ``amp`` is on).
         amp_dtype: autocast dtype; default ``float16`` on CUDA, ``bfloat16`` elsewhere.
+        compile: run each member through ``torch.compile`` (compiled once per member and reused; the compiled
+            wrapper shares the member's weights, so checkpoints load into the plain network as before). The
+            first call pays the compilation, and every new input shape may recompile.
+        compile_kwargs: passed to ``torch.compile`` (e.g. ``{"dynamic": true}`` for cases of varying size).
 
     Raises:
         ValueError: for an unknown ``activation``/``mode``, a sliding window without ``roi_size``, repeated
@@ -148,6 +152,8 @@ class BratsInferer(Inferer):
         divisible_k: Sequence[int] | int = 1,
         amp: bool = False,
         amp_dtype: str | torch.dtype | None = None,
+        compile: bool = False,
+        compile_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -174,6 +180,9 @@ class BratsInferer(Inferer):
         self.cval = cval
         self.amp = amp
         self.amp_dtype = None if amp_dtype is None else _as_dtype(amp_dtype)
+        self.compile = compile
+        self.compile_kwargs = dict(compile_kwargs or {})
+        self._compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
         self.inferer: Inferer
         if mode == "sliding_window":
@@ -237,6 +246,11 @@ class BratsInferer(Inferer):
                 members.append(member)
         return members
 
+    def _compiled_member(self, member: nn.Module) -> Callable[..., Any]:
+        if member not in self._compiled:
+            self._compiled[member] = torch.compile(member, **self.compile_kwargs)
+        return self._compiled[member]
+
     def _autocast(self, device: torch.device):
         if not self.amp:
             return nullcontext()
@@ -281,6 +295,8 @@ class BratsInferer(Inferer):
         total: torch.Tensor | None = None
         count = 0
         for member in members:
+            if self.compile and isinstance(member, nn.Module):
+                member = self._compiled_member(member)
 
             def forward(t: torch.Tensor, *a: Any, _m: Callable[..., Any] = member, **kw: Any) -> torch.Tensor:
                 return segmentation_output(_m(t, *a, **kw))

@@ -345,3 +345,21 @@ def test_monai_segresnet_family(image):
         windows = BratsInferer(mode="sliding_window", roi_size=(16, 16, 16), tta=True, tta_flip_axes=(0,))(image, vae)
     assert out.shape == windows.shape == (1, 3, 20, 18, 14)
     assert 0 <= float(out.min()) and float(out.max()) <= 1 and 0 <= float(windows.min()) and float(windows.max()) <= 1
+
+
+def test_compile_lever_reuses_one_compiled_wrapper_with_the_same_weights(image):
+    """``compile=True`` runs the members through ``torch.compile`` (here its ``eager`` backend, which traces with
+    Dynamo but skips code generation, to stay fast): same probabilities, one wrapper per member, reused."""
+    net = symmetric_net()
+    plain = BratsInferer(tta=True)(image, net)
+    inferer = BratsInferer(tta=True, compile=True, compile_kwargs={"backend": "eager"})
+    torch._dynamo.reset()
+    compiled = inferer(image, net)
+    torch.testing.assert_close(compiled, plain, atol=1e-6, rtol=1e-6)
+    (wrapper,) = list(inferer._compiled.values())
+    assert isinstance(wrapper, torch._dynamo.eval_frame.OptimizedModule) and wrapper._orig_mod is net
+    inferer(image, net)
+    assert list(inferer._compiled.values()) == [wrapper]  # compiled once, reused
+    with torch.no_grad():
+        net.weight.mul_(2.0)  # the wrapper shares the weights: a checkpoint loaded into net reaches it
+    torch.testing.assert_close(inferer(image, net), BratsInferer(tta=True)(image, net), atol=1e-6, rtol=1e-6)
