@@ -2,7 +2,8 @@
 
 Where the paper (Sect. 2, Figs. 2-4) is silent, the blocks follow the reference implementation
 (``sacmehta/3D-ESPNet``, ``Model.py``); every such choice is a constructor argument. All blocks are 3D,
-take ``(B, C, H, W, D)`` tensors and work with ``torch.jit.script``.
+take ``(B, C, H, W, D)`` tensors and work with ``torch.jit.script`` and ONNX export (``torch.onnx.export``, both the
+dynamo-based and the TorchScript-based exporter).
 """
 
 from __future__ import annotations
@@ -14,7 +15,43 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 
-__all__ = ["CBR", "ESPBlock", "SPPBlock", "PSPBlock"]
+__all__ = ["CBR", "ESPBlock", "SPPBlock", "PSPBlock", "adaptive_avg_pool3d_separable"]
+
+
+def _adaptive_pool_matrix(in_size: int, out_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``(out_size, in_size)`` averaging matrix of 1-D adaptive average pooling with PyTorch's windows: output ``i``
+    averages inputs ``floor(i * in / out) <= j < ceil((i + 1) * in / out)``."""
+    i = torch.arange(out_size, device=device)
+    start = torch.div(i * in_size, out_size, rounding_mode="floor")
+    end = torch.div((i + 1) * in_size + out_size - 1, out_size, rounding_mode="floor")
+    j = torch.arange(in_size, device=device)
+    inside = (j.unsqueeze(0) >= start.unsqueeze(1)) & (j.unsqueeze(0) < end.unsqueeze(1))
+    return inside.to(dtype) / (end - start).unsqueeze(1).to(dtype)
+
+
+def adaptive_avg_pool3d_separable(x: torch.Tensor, output_size: list[int]) -> torch.Tensor:
+    """``F.adaptive_avg_pool3d`` written as three 1-D averaging matrices (one per axis) applied with ``einsum``.
+
+    A box average is the product of the per-axis averages, so this equals ``F.adaptive_avg_pool3d(x, output_size)``
+    up to float rounding, for any input and output size (also when the output size does not divide the input's).
+    ``PSPBlock`` uses it only during export: the dynamo-based ONNX exporter (torch 2.13, onnxscript 0.7) has no
+    conversion for ``aten._adaptive_avg_pool3d`` at all and the TorchScript-based one only for output sizes that
+    divide the input's, while ``Einsum`` exports everywhere. The matrices are built from the input's shape with
+    torch ops.
+
+    Args:
+        x: ``(B, C, H, W, D)``.
+        output_size: ``[h, w, d]``, each ``>= 1``.
+
+    Returns:
+        ``(B, C, h, w, d)``.
+    """
+    pool_h = _adaptive_pool_matrix(x.shape[2], output_size[0], x.dtype, x.device)
+    pool_w = _adaptive_pool_matrix(x.shape[3], output_size[1], x.dtype, x.device)
+    pool_d = _adaptive_pool_matrix(x.shape[4], output_size[2], x.dtype, x.device)
+    x = torch.einsum("bchwd,kd->bchwk", x, pool_d)
+    x = torch.einsum("bchwk,jw->bchjk", x, pool_w)
+    return torch.einsum("bchjk,ih->bcijk", x, pool_h)
 
 
 class CBR(Convolution):
@@ -198,7 +235,8 @@ class PSPBlock(nn.Module):
 
     Each branch average-pools the input to ``int(scale * size)`` voxels per axis (at least 1; adaptive
     pooling, so any size works), applies a CBR, and interpolates back trilinearly; the branch outputs are
-    concatenated after the input.
+    concatenated after the input. During ONNX export the pooling runs as :func:`adaptive_avg_pool3d_separable`
+    (the same averages, exportable for any size).
 
     Args:
         channels: input channels ``C``.
@@ -239,6 +277,13 @@ class PSPBlock(nn.Module):
         for i, branch in enumerate(self.branches):
             scale = self.scales[i]
             pooled_size = [max(1, int(float(s) * scale)) for s in size]
-            y = branch(F.adaptive_avg_pool3d(x, pooled_size))
+            if torch.jit.is_scripting():
+                pooled = F.adaptive_avg_pool3d(x, pooled_size)
+            # is_exporting: torch.onnx's fallback to torch.export(strict=True) reads is_in_onnx_export() as False
+            elif torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+                pooled = adaptive_avg_pool3d_separable(x, pooled_size)
+            else:
+                pooled = F.adaptive_avg_pool3d(x, pooled_size)
+            y = branch(pooled)
             outs.append(F.interpolate(y, size=size, mode="trilinear", align_corners=self.align_corners))
         return torch.cat(outs, dim=1)
