@@ -36,6 +36,7 @@ ENV = {
 }
 WIDTH = 8
 TOL = 1e-4
+NAMES = {"input_names": ["image"], "output_names": ["pred"]}
 DYNAMIC = {"image": {0: "batch", 2: "h", 3: "w", 4: "d"}, "pred": {0: "batch", 2: "h", 3: "w", 4: "d"}}
 #: name -> (bundle, --input_shape, extra command-line arguments). SegResNet: one file for every size divisible by 8
 #: (dynamic axes); ESPNet3D: fixed shapes (see its model card)
@@ -43,11 +44,11 @@ EXPORTS = {
     "segresnet_vae": (
         "segresnet_vae",
         [1, 4, 32, 32, 32],
-        ["--converter_kwargs", str({"input_names": ["image"], "output_names": ["pred"], "dynamic_axes": DYNAMIC})],
+        ["--converter_kwargs", str({**NAMES, "dynamic_axes": DYNAMIC})],
     ),
     # non-cubic and not a multiple of 8, so the padding to the network stride, the crop back and PSP pooling to
     # sizes that do not divide the input (e.g. 19 -> 3) all run inside the graph (one export: each costs ~20 s of CPU)
-    "espnet3d": ("espnet3d", [1, 4, 37, 30, 21], []),
+    "espnet3d": ("espnet3d", [1, 4, 37, 30, 21], ["--converter_kwargs", str(NAMES)]),
 }
 
 
@@ -160,9 +161,10 @@ def test_espnet3d_onnx_matches_eager(exported):
         # (onnxruntime ~3e-5), so against float32 eager the two roundings add up
         assert diff32 <= 2 * TOL
     session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
-    assert session.get_inputs()[0].shape == shape
+    assert session.get_inputs()[0].name == "image" and session.get_outputs()[0].name == "pred"
+    assert session.get_inputs()[0].shape == shape and session.get_outputs()[0].shape == [1, 4, *shape[2:]]
     with pytest.raises(InvalidArgument, match="dimensions"):
-        session.run(None, {session.get_inputs()[0].name: np.zeros([1, 4, 40, 32, 24], np.float32)})
+        session.run(None, {"image": np.zeros([1, 4, 40, 32, 24], np.float32)})
 
 
 def test_segresnet_vae_onnx_matches_eager_with_dynamic_axes(exported):
