@@ -1,0 +1,72 @@
+"""Interleaved A/B timing of one training iteration: segresnet_vae (separate VAE decoder, paper loss) against
+MONAI's ``SegResNetVAE``, at the same width and crop, in one process.
+
+``run_benchmarks.py`` times each configuration in its own process, one after the other, so a slow drift of the
+machine (other jobs, thermal state) lands on one side. Here the two steps alternate (A, B, A, B, ...) after one
+warm-up each, and the table gives every run, the medians and their ratio. Run from the repository root::
+
+    python benchmarks/interleaved_training_step.py --width 16 --rounds 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run_benchmarks import machine_info, setup_torch, training_setup  # noqa: E402
+
+MODELS = ("segresnet_vae", "monai_segresnetvae")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--roi-size", type=int, nargs=3, default=[160, 192, 128])
+    p.add_argument("--rounds", type=int, default=4, help="timed iterations per model, alternating")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    import os
+
+    device = setup_torch(args.threads or os.cpu_count() or 1)
+    steps = {}
+    for model in MODELS:
+        network, loss_fn, optimizer, image, label, _, _ = training_setup(
+            model, args.width, list(args.roi_size), 1, device
+        )
+        network.train()
+
+        def step(network=network, loss_fn=loss_fn, optimizer=optimizer, image=image, label=label) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(network(image), label).backward()
+            optimizer.step()
+
+        steps[model] = step
+    times: dict[str, list[float]] = {m: [] for m in MODELS}
+    for model in MODELS:
+        steps[model]()  # warm-up
+    for _ in range(args.rounds):
+        for model in MODELS:
+            t0 = time.perf_counter()
+            steps[model]()
+            times[model].append(time.perf_counter() - t0)
+    info = machine_info()
+    print(
+        f"{info['date']}, {info.get('cpu', '?')}, {info['cores']} cores, torch {info['torch']}, monai {info['monai']}"
+    )
+    print(f"width {args.width}, crop {'x'.join(map(str, args.roi_size))}, batch 1, load average {info.get('loadavg')}")
+    print()
+    print("| model | runs (s, in order) | median s |")
+    print("| --- | --- | --- |")
+    for model in MODELS:
+        print(f"| {model} | {', '.join(f'{t:.2f}' for t in times[model])} | {statistics.median(times[model]):.2f} |")
+    ratio = statistics.median(times[MODELS[0]]) / statistics.median(times[MODELS[1]])
+    print(f"\nsegresnet_vae / MONAI SegResNetVAE: {ratio:.3f}x")
+
+
+if __name__ == "__main__":
+    main()
