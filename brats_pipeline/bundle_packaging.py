@@ -33,6 +33,8 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from brats_pipeline.atomic_files import publish
+
 logger = logging.getLogger(__name__)
 
 #: the Model Zoo keeps files above this size out of the bundle (``large_files.yml``)
@@ -187,7 +189,7 @@ def package_bundle(
                 zf.write(path, f"{name}/{rel}")
             if large:
                 zf.writestr(f"{name}/{LARGE_FILES_NAME}", _large_files_yaml(large))
-        os.replace(tmp, target)
+        publish(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from brats_pipeline.atomic_files import publish
 from brats_pipeline.case_checks import NIFTI_SUFFIXES, CaseError, DatasetError, check_case, is_nifti
 from brats_pipeline.layouts import CHANNELS, LAYOUTS, MSD_CHANNELS, MSD_LABEL_CONVENTION, BratsLayout
 
@@ -280,7 +281,7 @@ def write_json_atomic(obj: object, path: str | os.PathLike) -> Path:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

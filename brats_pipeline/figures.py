@@ -37,6 +37,7 @@ from monai.transforms import MapTransform
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation
 from scipy import ndimage
 
+from brats_pipeline.atomic_files import publish
 from brats_pipeline.labels import LabelConvention, label_to_classes
 from brats_pipeline.layouts import LAYOUTS, MSD_CHANNELS
 
@@ -64,7 +65,7 @@ def _save_png(fig: Figure, out_path: str | os.PathLike, dpi: int) -> Path:
     try:
         FigureCanvasAgg(fig)
         fig.savefig(tmp, format="png", dpi=dpi, facecolor=fig.get_facecolor())
-        os.replace(tmp, out)
+        publish(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -47,6 +47,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
+from brats_pipeline.atomic_files import publish
 from brats_pipeline.labels import LabelConvention
 from brats_pipeline.metrics import HD95_EMPTY_MM, METRICS, REPORT_ORDER, STATISTICS, case_metrics, summarize
 
@@ -190,7 +191,7 @@ def _write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", newline="") as f:
             f.write(text)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -10,7 +10,9 @@ not importable), it runs the commands a user would: ``monai.bundle download``, `
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
 import zipfile
@@ -111,6 +113,10 @@ def test_large_weights_need_a_url_and_never_enter_the_zip(tmp_path):
 
 def test_zip_layout(tmp_path):
     zip_path = package_bundle(BUNDLES["espnet3d"], tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(zip_path.stat().st_mode) == 0o666 & ~umask  # as open() would make it, not mkstemp's 0600
+    assert [p.name for p in tmp_path.iterdir()] == [zip_path.name]  # no temporary file left behind
     meta = bundle_metadata(BUNDLES["espnet3d"])
     assert zip_path.name == f"espnet3d_v{meta['version']}.zip"
     with zipfile.ZipFile(zip_path) as zf:
