@@ -374,6 +374,21 @@ def model_zoo_inference_config(init_filters: int = 16, roi_size: Sequence[int] =
     }
 
 
+def train_workflow(config_file: Path, values: dict[str, Any]):
+    """An initialised ``ConfigWorkflow`` of a bundle's ``train.json`` with the ``values`` overrides."""
+    from monai.bundle import ConfigWorkflow
+
+    workflow = ConfigWorkflow(
+        config_file=str(config_file),
+        meta_file=str(config_file.parent / "metadata.json"),
+        logging_file=False,
+        workflow_type="train",
+        **values,
+    )
+    workflow.initialize()
+    return workflow
+
+
 def inference_workflow(
     pipeline: str,
     width: int,
@@ -511,8 +526,6 @@ def training_setup(model: str, width: int, roi_size: Sequence[int] | None, batch
 
     gen = torch.Generator().manual_seed(0)
     if model in ("segresnet_vae", "espnet3d"):
-        from monai.bundle import ConfigWorkflow
-
         config_file = BUNDLES_DIR / model / "configs" / "train.json"
         values: dict[str, Any] = {"network_width": int(width), "device": f"$torch.device('{device}')"}
         if roi_size is not None:
@@ -522,14 +535,7 @@ def training_setup(model: str, width: int, roi_size: Sequence[int] | None, batch
         if model == "espnet3d":
             # the reference class weights are counted from label files; any weights cost the same
             values["loss_class_weights"] = [1.0, 1.0, 1.0, 1.0]
-        workflow = ConfigWorkflow(
-            config_file=str(config_file),
-            meta_file=str(config_file.parent / "metadata.json"),
-            logging_file=False,
-            workflow_type="train",
-            **values,
-        )
-        workflow.initialize()
+        workflow = train_workflow(config_file, values)
         parser = workflow.parser
         roi = [int(s) for s in parser.get_parsed_content("roi_size")]
         batch = int(parser.get_parsed_content("batch_size"))
@@ -684,7 +690,6 @@ def run_data_worker(spec: dict[str, Any]) -> dict[str, Any]:
     ``repeats`` (timed epochs per loader); ``threads``.
     """
     import torch
-    from monai.bundle import ConfigWorkflow
     from monai.data import DataLoader, ThreadDataLoader
 
     setup_torch(spec.get("threads", os.cpu_count() or 1))
@@ -701,14 +706,7 @@ def run_data_worker(spec: dict[str, Any]) -> dict[str, Any]:
             values["roi_size"] = [int(s) for s in spec["roi_size"]]
         if spec.get("num_folds") is not None:
             values["num_folds"] = int(spec["num_folds"])
-        workflow = ConfigWorkflow(
-            config_file=str(config_file),
-            meta_file=str(config_file.parent / "metadata.json"),
-            logging_file=False,
-            workflow_type="train",
-            **values,
-        )
-        workflow.initialize()
+        workflow = train_workflow(config_file, values)
         t0 = time.perf_counter()
         dataset = workflow.parser.get_parsed_content("train#dataset")
         fill_s = time.perf_counter() - t0
