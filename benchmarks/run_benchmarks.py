@@ -144,16 +144,6 @@ def meta_copy(network):
     return copy.deepcopy(network).to("meta")
 
 
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, memory, load, library versions and date, for the header of the report."""
     import monai
@@ -177,7 +167,9 @@ def machine_info() -> dict[str, Any]:
                 info["memory_gib"] = round(int(line.split()[1]) / 1024**2, 1)
     with contextlib.suppress(OSError):
         info["loadavg"] = [round(x, 2) for x in os.getloadavg()]
-    info["bf16_cpu"] = bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    from brats_pipeline.inference import cpu_has_native_bf16
+
+    info["bf16_cpu"] = cpu_has_native_bf16()
     return info
 
 
@@ -644,7 +636,9 @@ def run_peak_worker(spec: dict[str, Any]) -> dict[str, Any]:
     device = setup_torch(spec.get("threads", os.cpu_count() or 1))
     n = int(spec.get("size", 4096))
     dtypes = [torch.float32]
-    if device.type == "cuda" or {"avx512_bf16", "amx_bf16"} & cpu_flags():
+    from brats_pipeline.inference import cpu_has_native_bf16
+
+    if device.type == "cuda" or cpu_has_native_bf16():
         dtypes.append(torch.bfloat16)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
