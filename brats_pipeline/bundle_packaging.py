@@ -28,12 +28,11 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from brats_pipeline.atomic_files import publish
+from brats_pipeline.atomic_files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -178,21 +177,12 @@ def package_bundle(
             )
         large.append({"path": rel, "url": weights_url, "hash_val": _sha256(path), "hash_type": "sha256"})
 
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    target = output_dir / f"{name}_v{version}.zip"
-    fd, tmp = tempfile.mkstemp(dir=output_dir, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            for path, rel in shipped:
-                zf.write(path, f"{name}/{rel}")
-            if large:
-                zf.writestr(f"{name}/{LARGE_FILES_NAME}", _large_files_yaml(large))
-        publish(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    target = Path(output_dir) / f"{name}_v{version}.zip"
+    with atomic_write(target, "wb") as f, zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for path, rel in shipped:
+            zf.write(path, f"{name}/{rel}")
+        if large:
+            zf.writestr(f"{name}/{LARGE_FILES_NAME}", _large_files_yaml(large))
     logger.info("wrote %s (%d files; %d in %s)", target, len(shipped), len(large), LARGE_FILES_NAME)
     return target
 

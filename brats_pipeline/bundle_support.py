@@ -1,10 +1,8 @@
-"""Small pieces the bundle configs call that MONAI's bundle runner does not provide.
+"""Printing an evaluator's metrics as a small table at the end of a config-driven run.
 
-``bundle_root`` itself is computed in the configs without our code (our code may not be importable yet: in a
-downloaded bundle it lives in ``<bundle_root>/scripts``): the expression asks the ``ConfigWorkflow`` that is
-evaluating it for its ``config_root_path`` (the folder of the first ``--config_file``) and takes the folder above
-``configs/``. That covers ``python -m monai.bundle run``, ``torchrun``, ``monai.bundle.load`` and
-``ConfigWorkflow`` from Python; ``--bundle_root DIR`` still overrides it, and a bare ``ConfigParser`` gets ``"."``.
+``configs/quickstart.json`` calls :func:`report_metrics` after its held-out evaluation. (``bundle_root`` and putting a
+packaged bundle's ``scripts/`` on ``sys.path`` are config keys of the bundles, not code here: see
+``docs/deployment.md``.)
 """
 
 from __future__ import annotations

@@ -23,9 +23,9 @@ import nibabel as nib
 import numpy as np
 
 from brats_pipeline.labels import LabelConventionError, check_label_values
-from brats_pipeline.layouts import CHANNELS
+from brats_pipeline.layouts import CHANNELS, entry_case_id
+from brats_pipeline.nifti_paths import is_nifti
 
-NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
 #: tolerance (mm) when comparing the affines of one case's files
 AFFINE_ATOL = 1e-3
 _GZIP_CHUNK = 1 << 22
@@ -43,10 +43,6 @@ class CaseError(DatasetError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"case {case_id!r}: {self.path}: {reason}")
-
-
-def is_nifti(path: str | os.PathLike) -> bool:
-    return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
 @dataclass(frozen=True)
@@ -108,18 +104,6 @@ def inspect_nifti(path: str | os.PathLike, case_id: str = "?") -> NiftiInfo:
     elif size < expected:
         raise CaseError(case_id, p, f"truncated file: {size} bytes, the header declares {expected}")
     return NiftiInfo(str(p), shape, affine, dtype)
-
-
-def _case_id(entry: Mapping) -> str:
-    if entry.get("case_id"):
-        return str(entry["case_id"])
-    image = entry.get("image")
-    first = image if isinstance(image, (str, os.PathLike)) else (image[0] if image else "?")
-    name = Path(first).name
-    for suffix in NIFTI_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def _check_dims(info: NiftiInfo, case_id: str, channels: int | None) -> None:
@@ -186,7 +170,7 @@ def check_case(entry: Mapping, check_data: bool = True) -> None:
         check_data: also load the arrays: reject NaN/Inf voxels and all-zero images (or channels), and label
             values outside ``label_convention`` when the entry names one.
     """
-    case_id = _case_id(entry)
+    case_id = entry_case_id(entry)
     image = entry.get("image")
     if not image:
         raise CaseError(case_id, "<no image>", "the entry lists no image file")
@@ -230,11 +214,9 @@ def check_case(entry: Mapping, check_data: bool = True) -> None:
 
 __all__ = [
     "AFFINE_ATOL",
-    "NIFTI_SUFFIXES",
     "CaseError",
     "DatasetError",
     "NiftiInfo",
     "check_case",
     "inspect_nifti",
-    "is_nifti",
 ]

@@ -23,7 +23,6 @@ the command exits non-zero.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from monai.utils import min_version, optional_import
+
+from brats_pipeline.atomic_files import write_json_atomic
+from brats_pipeline.layouts import case_id_from_path, entry_case_id
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
 Engine, _ = optional_import("ignite.engine", "0.4.11", min_version, "Engine")
@@ -120,18 +122,14 @@ class CaseFailureReport:
         return "\n".join([head, *(f"  - {f}" for f in self.failures)])
 
     def write_summary(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Write the counts and every failure as JSON to ``path`` (atomically)."""
         content = {
             "screened": self.screened,
             "accepted": len(self.accepted),
             "processed": self.processed,
             "failures": [asdict(f) for f in self.failures],
         }
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(content, indent=2) + "\n")
-        os.replace(tmp, path)
-        return path
+        return write_json_atomic(content, path)
 
     def raise_if_failed(self) -> None:
         """Raise :class:`CasesFailedError` (exit status 1, summary as message) if any case failed."""
@@ -178,27 +176,19 @@ class CaseFailureReport:
         self._handled = error
         if self._loading:
             index = self.processed
-            case = _entry_case_id(self.accepted[index], self.case_id_key) if index < len(self.accepted) else "?"
+            case = entry_case_id(self.accepted[index], self.case_id_key) if index < len(self.accepted) else "?"
             hit, stage = [case], "loading"
         else:
             hit, stage = self._current or ["?"], "inference"
         for case in hit:
             self.record_exception(case, error, stage)
-        not_reached = [_entry_case_id(e, self.case_id_key) for e in self.accepted[self.processed + len(hit) :]]
+        not_reached = [entry_case_id(e, self.case_id_key) for e in self.accepted[self.processed + len(hit) :]]
         if not_reached:
             logger.error(
                 "the run stops here: %d accepted case(s) not processed: %s", len(not_reached), ", ".join(not_reached)
             )
         logger.error(self.summary())
         raise error
-
-
-def _entry_case_id(entry: Mapping, key: str = "case_id") -> str:
-    if entry.get(key):
-        return str(entry[key])
-    image = entry.get("image")
-    first = image if isinstance(image, (str, os.PathLike)) else (image[0] if image else "?")
-    return str(first)
 
 
 def _batch_case_ids(batch: Any, key: str) -> list[str]:
@@ -212,7 +202,7 @@ def _batch_case_ids(batch: Any, key: str) -> list[str]:
     names = meta.get("filename_or_obj")
     if names is None:
         return []
-    return [str(n) for n in (names if isinstance(names, (list, tuple)) else [names])]
+    return [case_id_from_path(str(n)) for n in (names if isinstance(names, (list, tuple)) else [names])]
 
 
 def _default_check(entry: Mapping) -> None:
@@ -275,8 +265,8 @@ def screen_cases(
         if strict:
             raise error
         if not hasattr(error, "reason"):
-            logger.error("unexpected error while checking %s", _entry_case_id(entry), exc_info=error)
-        report.record_exception(getattr(error, "case_id", None) or _entry_case_id(entry), error, "screening")
+            logger.error("unexpected error while checking %s", entry_case_id(entry), exc_info=error)
+        report.record_exception(getattr(error, "case_id", None) or entry_case_id(entry), error, "screening")
     report.accepted.extend(good)
     logger.info("screened %d case(s): %d accepted, %d rejected", len(entries), len(good), len(entries) - len(good))
     return good

@@ -33,8 +33,6 @@ import logging
 import os
 import random
 import re
-import stat
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -45,6 +43,8 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
+
+from brats_pipeline.atomic_files import atomic_write
 
 __all__ = [
     "CheckpointResumeError",
@@ -67,11 +67,11 @@ class CheckpointResumeError(RuntimeError):
 class AtomicDiskSaver(DiskSaver):
     """Ignite ``DiskSaver`` that never leaves a half-written or missing checkpoint behind.
 
-    The checkpoint is written to ``.<name>.<random>.tmp`` in the target folder, flushed and ``fsync``\\ ed, then moved
-    onto ``<name>`` with ``os.replace`` (atomic on POSIX and Windows within one file system). Removals that Ignite's
+    The checkpoint is written with :func:`brats_pipeline.atomic_files.atomic_write`: to ``.<name>.<random>.tmp`` in
+    the target folder, flushed and ``fsync``\\ ed, then moved onto ``<name>`` with ``os.replace`` (atomic on POSIX and
+    Windows within one file system), with the permissions ``open()`` would give. Removals that Ignite's
     ``Checkpoint`` requests *before* saving (``n_saved`` reached, or a fixed file name) are deferred until the new
-    file is in place, and dropped if the save fails. The file gets the group/others read bits, like Ignite's own
-    atomic mode.
+    file is in place, and dropped if the save fails.
 
     Args:
         dirname: folder of the checkpoints (created if missing).
@@ -105,24 +105,8 @@ class AtomicDiskSaver(DiskSaver):
         self._pending_removal.append(self.filename or filename)
 
     def _save_func(self, checkpoint: Mapping, path: Path, func: Callable) -> None:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                func(checkpoint, f, **self.kwargs)
-                f.flush()
-                if self.fsync:
-                    os.fsync(f.fileno())
-            os.chmod(tmp_name, os.stat(tmp_name).st_mode | stat.S_IRGRP | stat.S_IROTH)
-            os.replace(tmp_name, path)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
-        if self.fsync and hasattr(os, "O_DIRECTORY"):
-            dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        with atomic_write(path, "wb", fsync=self.fsync) as f:
+            func(checkpoint, f, **self.kwargs)
 
 
 class AtomicCheckpointSaver(CheckpointSaver):

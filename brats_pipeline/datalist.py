@@ -25,15 +25,22 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-from brats_pipeline.atomic_files import publish
-from brats_pipeline.case_checks import NIFTI_SUFFIXES, CaseError, DatasetError, check_case, is_nifti
-from brats_pipeline.layouts import CHANNELS, LAYOUTS, MSD_CHANNELS, MSD_LABEL_CONVENTION, BratsLayout
+from brats_pipeline.atomic_files import write_json_atomic
+from brats_pipeline.case_checks import CaseError, DatasetError, check_case
+from brats_pipeline.layouts import (
+    CHANNELS,
+    MSD_CHANNELS,
+    MSD_LABEL_CONVENTION,
+    BratsLayout,
+    case_id_from_path,
+    layout_of_case,
+)
+from brats_pipeline.nifti_paths import is_nifti, split_nifti_suffix
 
 logger = logging.getLogger(__name__)
 
@@ -55,14 +62,6 @@ MSD_MODALITY_ALIASES: dict[str, str] = {
 }
 
 
-def _stem(name: str) -> str:
-    low = name.lower()
-    for suffix in NIFTI_SUFFIXES:
-        if low.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def _modality_of(file_name: str, case_name: str, layout: BratsLayout) -> str | None:
     """Canonical modality (or ``"seg"``) that ``file_name`` holds in case ``case_name``, else None.
 
@@ -70,7 +69,7 @@ def _modality_of(file_name: str, case_name: str, layout: BratsLayout) -> str | N
     (``..._t1ce (1).nii.gz``), so that a stray copy is reported as a duplicate rather than ignored.
     """
     prefix = (case_name + layout.separator).lower()
-    stem = _stem(file_name).lower()
+    stem = split_nifti_suffix(file_name)[0].lower()
     if not stem.startswith(prefix):
         return None
     rest = stem[len(prefix) :]
@@ -145,7 +144,7 @@ def _read_msd(json_file: Path) -> list[dict]:
 
     def entry(image: str, label: str | None) -> dict:
         path = (root / image).resolve()
-        case_id = _stem(path.name)
+        case_id = case_id_from_path(path)
         if not path.exists():
             raise CaseError(case_id, path, f"listed in {json_file.name} but does not exist")
         out: dict = {"case_id": case_id, "image": str(path)}
@@ -171,16 +170,9 @@ def _is_msd_json(path: Path) -> bool:
     return isinstance(meta, Mapping) and ("training" in meta or "test" in meta)
 
 
-def _layout_of(name: str) -> BratsLayout | None:
-    for layout in LAYOUTS.values():
-        if layout.matches(name):
-            return layout
-    return None
-
-
 def _scan(root: Path) -> tuple[list[tuple[Path, BratsLayout]], list[Path]]:
     """Case folders and MSD ``dataset.json`` files at most :data:`MAX_DEPTH` levels below ``root``."""
-    layout = _layout_of(root.name)
+    layout = layout_of_case(root.name)
     if layout is not None:  # the folder of a single case
         return [(root, layout)], []
     cases: list[tuple[Path, BratsLayout]] = []
@@ -195,7 +187,7 @@ def _scan(root: Path) -> tuple[list[tuple[Path, BratsLayout]], list[Path]]:
         for child in sorted(folder.iterdir()):
             if child.name.startswith(".") or not child.is_dir():
                 continue
-            layout = _layout_of(child.name)
+            layout = layout_of_case(child.name)
             if layout is not None:
                 cases.append((child, layout))
             elif depth < MAX_DEPTH:
@@ -267,25 +259,6 @@ def _num_validation(num_validation: int | float, num_labelled: int) -> int:
     if n > num_labelled:
         raise ValueError(f"num_validation={num_validation!r} asks for {n} cases but only {num_labelled} are labelled")
     return n
-
-
-def write_json_atomic(obj: object, path: str | os.PathLike) -> Path:
-    """Write ``obj`` as JSON to ``path`` through a temporary file in the same folder and :func:`os.replace`:
-    readers see the old file or the complete new one, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def build_datalist(

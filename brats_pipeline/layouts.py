@@ -7,12 +7,20 @@ drift apart.
 
 Channel order: whatever the layout, images are stacked as ``CHANNELS = ("t1c", "t1", "t2", "flair")``
 (the order of the Model Zoo's ``brats_mri_segmentation`` bundle).
+
+Case ids: :func:`case_id_from_path` is the one rule that turns a file path into a case id, whatever the layout
+(see its docstring); :func:`entry_case_id` applies it to a datalist entry that has no ``case_id``.
 """
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from brats_pipeline.nifti_paths import split_nifti_suffix
 
 #: the project's fixed channel order (canonical modality names)
 CHANNELS: tuple[str, ...] = ("t1c", "t1", "t2", "flair")
@@ -89,3 +97,68 @@ LAYOUTS: dict[str, BratsLayout] = {
 MSD_CHANNELS: tuple[str, ...] = ("flair", "t1", "t1c", "t2")
 MSD_CASE_PATTERN = r"BRATS_\d+"
 MSD_LABEL_CONVENTION = "msd"
+
+#: every modality or label suffix of any layout, plus the canonical names; stripped from file names by
+#: :func:`case_id_from_path`. Case ids of every layout end in a digit, so stripping never eats into one.
+MODALITY_SUFFIXES: tuple[str, ...] = tuple(
+    sorted(
+        {*CHANNELS, *(s for layout in LAYOUTS.values() for s in (*layout.suffixes.values(), layout.label_suffix))},
+        key=lambda s: (-len(s), s),
+    )
+)
+_MODALITY_TAIL = re.compile(rf"(?P<case>.+)[-_](?:{'|'.join(map(re.escape, MODALITY_SUFFIXES))})", re.IGNORECASE)
+
+
+def layout_of_case(case_name: str) -> BratsLayout | None:
+    """The layout whose case-folder naming ``case_name`` follows, or None."""
+    for layout in LAYOUTS.values():
+        if layout.matches(case_name):
+            return layout
+    return None
+
+
+def case_id_from_path(path: str | os.PathLike) -> str:
+    """The case id of an image or label file, for every layout.
+
+    * A file inside a case folder named by a BraTS layout belongs to that case, whatever the file is called:
+      ``BraTS-GLI-00001-000/BraTS-GLI-00001-000-t1c.nii.gz`` -> ``BraTS-GLI-00001-000``,
+      ``BraTS20_Training_355/W39_1998.09.19_Segm.nii`` -> ``BraTS20_Training_355``.
+    * Otherwise the file name without its NIfTI suffix (any other extension for other formats) and without
+      trailing modality or label suffixes (``_t1ce``, ``-t2f``, ``_seg``, ... of :data:`MODALITY_SUFFIXES`):
+      ``BraTS2021_00001_t1ce.nii.gz`` -> ``BraTS2021_00001``, MSD ``imagesTr/BRATS_001.nii.gz`` -> ``BRATS_001``,
+      a prediction ``BraTS-GLI-00001-000.nii.gz`` -> itself, MONAI ``SaveImage``'s
+      ``BraTS-GLI-00001-000-t1c_seg.nii.gz`` -> ``BraTS-GLI-00001-000``.
+    """
+    p = Path(path)
+    if layout_of_case(p.parent.name) is not None:
+        return p.parent.name
+    stem, suffix = split_nifti_suffix(p)
+    if not suffix:
+        stem = os.path.splitext(p.name)[0] or p.name
+    while (m := _MODALITY_TAIL.fullmatch(stem)) is not None:
+        stem = m.group("case")
+    return stem
+
+
+def entry_case_id(entry: Mapping, key: str = "case_id") -> str:
+    """``entry[key]`` when set, else :func:`case_id_from_path` of the entry's (first) image file, else ``"?"``."""
+    if entry.get(key):
+        return str(entry[key])
+    image = entry.get("image")
+    first = image if isinstance(image, (str, os.PathLike)) else (image[0] if image else None)
+    return case_id_from_path(first) if first else "?"
+
+
+__all__ = [
+    "CHANNELS",
+    "CHANNEL_DESCRIPTIONS",
+    "LAYOUTS",
+    "MODALITY_SUFFIXES",
+    "MSD_CASE_PATTERN",
+    "MSD_CHANNELS",
+    "MSD_LABEL_CONVENTION",
+    "BratsLayout",
+    "case_id_from_path",
+    "entry_case_id",
+    "layout_of_case",
+]

@@ -33,9 +33,10 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from brats_pipeline.datalist import write_json_atomic
+from brats_pipeline.atomic_files import write_json_atomic
 from brats_pipeline.labels import get_convention
 from brats_pipeline.layouts import CHANNELS, LAYOUTS, MSD_CHANNELS, MSD_LABEL_CONVENTION
+from brats_pipeline.writers import save_nifti_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -375,8 +376,9 @@ def write_case(
     """Generate case ``index`` (seeded by ``(seed, index)``) and write it in ``layout`` under ``output_dir``.
 
     A BraTS case is written into a hidden temporary folder next to its final place and renamed when complete;
-    an MSD case writes the label, then the image, each through a temporary file and :func:`os.replace`. An
-    interrupted run therefore never leaves something that looks like a complete case.
+    an MSD case writes the label, then the image, each with :func:`brats_pipeline.writers.save_nifti_atomic`
+    (which replaces an existing file). An interrupted run therefore never leaves something that looks like a
+    complete case.
 
     Returns:
         the case folder, or for ``msd`` the 4-D image file.
@@ -387,21 +389,17 @@ def write_case(
     images, label = generate_case(shape, seed=(int(seed), int(index)), convention=convention, **generator_kwargs)
     affine = brats_affine(shape)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
 
     if layout == "msd":
-        name = final.name[: -len(".nii.gz")]
         if with_labels:
-            label_file = final.parent.parent / "labelsTr" / final.name
-            label_file.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_save(_nifti(label, affine), label_file, tag)
+            save_nifti_atomic(_nifti(label, affine), final.parent.parent / "labelsTr" / final.name, overwrite=True)
         stacked = np.stack([images[m] for m in MSD_CHANNELS], axis=-1)  # (H, W, D, 4), channels last as MSD ships
-        _atomic_save(_nifti(stacked, affine), final, tag)
-        logger.debug("wrote %s", name)
+        save_nifti_atomic(_nifti(stacked, affine), final, overwrite=True)
+        logger.debug("wrote %s", final)
         return final
 
     spec = LAYOUTS[layout]
-    tmp = final.parent / f".tmp-{final.name}-{tag}"
+    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         jobs = [(images[m], spec.filename(final.name, m)) for m in CHANNELS]
@@ -417,16 +415,6 @@ def write_case(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
-
-
-def _atomic_save(img: nib.Nifti1Image, path: Path, tag: str) -> None:
-    tmp = path.with_name(f".tmp-{tag}-{path.name}")
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_msd_dataset_json(output_dir: str | os.PathLike) -> Path:

@@ -6,11 +6,11 @@ The bundles' post-processing ends with::
     AsDiscreted(...) / RegionsToLabel(...) / ClassesToLabel(...)        # dataset label values, (1, H, W, D)
     SaveLabelMapd(keys="pred", output_dir=...)                          # <output_dir>/<case_id>.nii.gz
 
-Each file appears whole or not at all: the bytes go to a hidden temporary file in the output folder
-(``.<name>.tmp-<pid>-<random>``, never ending in ``.nii.gz``), are flushed to disk, and only then take the
-final name with one rename (``os.replace``, or ``os.link`` when an existing file must not be replaced). An
-interrupted run therefore never leaves a truncated ``<case_id>.nii.gz`` that a later evaluation would read;
-a hard kill can leave the hidden temporary file, which no output pattern matches.
+Each file appears whole or not at all: it is written with :func:`brats_pipeline.atomic_files.atomic_write` (a hidden
+temporary file ``.<name>.<random>.tmp`` in the output folder, never ending in ``.nii.gz``, flushed to disk, then
+renamed; an existing file is kept unless ``overwrite``). An interrupted run therefore never leaves a truncated
+``<case_id>.nii.gz`` that a later evaluation would read; a hard kill can leave the hidden temporary file, which no
+output pattern matches.
 
 MONAI's ``SaveImaged`` is not used because it writes in place (a crash leaves a truncated file) and
 overwrites existing outputs.
@@ -21,7 +21,6 @@ from __future__ import annotations
 import gzip
 import logging
 import os
-import secrets
 import time
 from collections.abc import Hashable, Mapping
 from pathlib import Path
@@ -35,29 +34,39 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 from monai.utils import convert_to_numpy
 
+from brats_pipeline.atomic_files import atomic_write
+from brats_pipeline.layouts import case_id_from_path
+from brats_pipeline.nifti_paths import NIFTI_SUFFIXES, split_nifti_suffix
+
 logger = logging.getLogger(__name__)
 
-NIFTI_EXTENSIONS: tuple[str, ...] = (".nii.gz", ".nii")
 
+def save_nifti_atomic(
+    img: nib.Nifti1Image,
+    path: str | os.PathLike,
+    overwrite: bool = False,
+    compresslevel: int = 1,
+    fsync: bool = True,
+) -> Path:
+    """Write the NIfTI image ``img`` as it is (header, dtype, scaling) to ``path`` with
+    :func:`~brats_pipeline.atomic_files.atomic_write`; gzip-compressed when ``path`` ends in ``.nii.gz``.
 
-def _split_nifti_name(path: Path) -> tuple[str, str]:
-    for ext in NIFTI_EXTENSIONS:
-        if path.name.endswith(ext):
-            return path.name[: -len(ext)], ext
-    raise ValueError(f"{path}: a NIfTI file name must end with one of {NIFTI_EXTENSIONS}")
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. platforms without directory file descriptors
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    Raises:
+        ValueError: ``path`` is not a ``.nii.gz``/``.nii`` name.
+        FileExistsError: ``path`` exists and ``overwrite`` is False (the existing file is left untouched).
+    """
+    path = Path(path)
+    suffix = split_nifti_suffix(path)[1].lower()
+    if not suffix:
+        raise ValueError(f"{path}: a NIfTI file name must end with one of {NIFTI_SUFFIXES}")
+    with atomic_write(path, "wb", overwrite=overwrite, fsync=fsync) as f:
+        payload = img.to_bytes()
+        if suffix == ".nii.gz":
+            with gzip.GzipFile(fileobj=f, mode="wb", compresslevel=compresslevel, mtime=0) as gz:
+                gz.write(payload)
+        else:
+            f.write(payload)
+    return path
 
 
 def write_nifti_atomic(
@@ -87,53 +96,12 @@ def write_nifti_atomic(
     Returns:
         The written path.
     """
-    path = Path(path)
-    name, ext = _split_nifti_name(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not overwrite and path.exists():
-        raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
-
     aff = np.asarray(convert_to_numpy(affine), dtype=np.float64)
-    data = np.asarray(convert_to_numpy(array))
-    img = nib.Nifti1Image(data, aff)
+    img = nib.Nifti1Image(np.asarray(convert_to_numpy(array)), aff)
     img.set_data_dtype(np.dtype(dtype))
     img.header.set_qform(aff, code=xform_code)
     img.header.set_sform(aff, code=xform_code)
-    payload = img.to_bytes()
-
-    tmp = path.parent / f".{name}{ext}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for any new file
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if ext == ".nii.gz":
-                with gzip.GzipFile(fileobj=f, mode="wb", compresslevel=compresslevel, mtime=0) as gz:
-                    gz.write(payload)
-            else:
-                f.write(payload)
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            _link_no_clobber(tmp, path)
-        if fsync:
-            _fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def _link_no_clobber(src: Path, dst: Path) -> None:
-    """Give ``src`` the name ``dst`` unless ``dst`` exists (atomically where the file system has hard links)."""
-    try:
-        os.link(src, dst)  # fails with FileExistsError if another writer got there first
-    except FileExistsError:
-        raise FileExistsError(f"{dst} exists (pass overwrite=True to replace it)") from None
-    except OSError:  # no hard links on this file system: check, then rename
-        if dst.exists():
-            raise FileExistsError(f"{dst} exists (pass overwrite=True to replace it)") from None
-        os.replace(src, dst)
+    return save_nifti_atomic(img, path, overwrite=overwrite, compresslevel=compresslevel, fsync=fsync)
 
 
 class RecordStartTimed(Transform):
@@ -164,20 +132,6 @@ def _filename_of(meta: Mapping) -> str | None:
     return str(name) if name else None
 
 
-def case_id_from_filename(filename: str | os.PathLike) -> str:
-    """Case id from an image file name: the case folder's name when the file name starts with it
-    (``BraTS-GLI-00001-000/BraTS-GLI-00001-000-t1c.nii.gz`` -> ``BraTS-GLI-00001-000``), else the file name
-    without its NIfTI extension (``imagesTs/BRATS_485.nii.gz`` -> ``BRATS_485``)."""
-    path = Path(filename)
-    stem = path.name
-    for ext in (*NIFTI_EXTENSIONS, ".nrrd", ".mha", ".mhd"):
-        if stem.endswith(ext):
-            stem = stem[: -len(ext)]
-            break
-    folder = path.parent.name
-    return folder if folder and stem.startswith(folder) else stem
-
-
 class SaveLabelMapd(MapTransform):
     """Write the label map under ``keys`` (one key) as ``<output_dir>/<case_id><output_postfix><output_ext>``.
 
@@ -191,7 +145,7 @@ class SaveLabelMapd(MapTransform):
         output_postfix: appended to the case id (``""`` gives the BraTS submission naming ``<case_id>.nii.gz``).
         output_ext: ``".nii.gz"`` or ``".nii"``.
         case_id_key: data key holding the case id; when missing, the id is derived from the file name of the
-            label map's or ``image_key``'s metadata (:func:`case_id_from_filename`).
+            label map's or ``image_key``'s metadata (:func:`~brats_pipeline.layouts.case_id_from_path`).
         image_key: key whose metadata gives the file name when ``case_id_key`` is missing.
         overwrite: replace existing outputs; otherwise an existing file is kept and the case is skipped with an
             INFO log line.
@@ -235,8 +189,8 @@ class SaveLabelMapd(MapTransform):
         super().__init__(keys, allow_missing_keys)
         if len(self.keys) != 1:
             raise ValueError(f"SaveLabelMapd writes one label map per case; got keys {self.keys}")
-        if output_ext not in NIFTI_EXTENSIONS:
-            raise ValueError(f"output_ext must be one of {NIFTI_EXTENSIONS}, got {output_ext!r}")
+        if output_ext not in NIFTI_SUFFIXES:
+            raise ValueError(f"output_ext must be one of {NIFTI_SUFFIXES}, got {output_ext!r}")
         if not np.issubdtype(np.dtype(label_dtype), np.integer):
             raise ValueError(f"label_dtype must be an integer type, got {np.dtype(label_dtype)}")
         if np.dtype(prob_dtype) == np.float16:
@@ -266,7 +220,7 @@ class SaveLabelMapd(MapTransform):
         for source in (data.get(key), data.get(self.image_key)):
             filename = _filename_of(_meta_of(source))
             if filename:
-                return case_id_from_filename(filename)
+                return case_id_from_path(filename)
         raise KeyError(f"no {self.case_id_key!r} in the data and no file name in the metadata of {key!r}")
 
     def output_path(self, case_id: str, postfix: str | None = None) -> Path:
@@ -368,4 +322,4 @@ class SaveLabelMapd(MapTransform):
         logger.info("case %s: %.2f s %s (%s)", case_id, elapsed, since, files)
 
 
-__all__ = ["write_nifti_atomic", "SaveLabelMapd", "RecordStartTimed", "case_id_from_filename", "NIFTI_EXTENSIONS"]
+__all__ = ["save_nifti_atomic", "write_nifti_atomic", "SaveLabelMapd", "RecordStartTimed"]
