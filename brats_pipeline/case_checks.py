@@ -8,6 +8,11 @@ Two depths:
   the expected number of dimensions, and all files of the case agree in shape and affine;
 * data checks (``check_data=True``, for a per-case pre-screen before inference): the arrays are loaded and
   NaN/Inf voxels, all-zero images and label values outside the declared convention are reported.
+
+A case the datalist builder could not even assemble (a missing or doubled modality, a folder that does not follow
+the layout) can travel as a datalist entry that carries its error under :data:`CASE_ERROR_KEY`
+(:meth:`CaseError.as_entry`); :func:`check_case` raises that error again, so screening reports it like any other
+bad case. Training instead stops on all bad cases at once with :class:`BadCasesError`.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import gzip
 import os
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +33,8 @@ from brats_pipeline.nifti_paths import is_nifti
 
 #: tolerance (mm) when comparing the affines of one case's files
 AFFINE_ATOL = 1e-3
+#: key of a datalist entry that stands for an unusable case: ``{"file": path, "reason": text}``
+CASE_ERROR_KEY = "case_error"
 _GZIP_CHUNK = 1 << 22
 
 
@@ -43,6 +50,28 @@ class CaseError(DatasetError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"case {case_id!r}: {self.path}: {reason}")
+
+    def as_entry(self, **fields) -> dict:
+        """A datalist entry standing for this bad case: ``{"case_id", **fields, CASE_ERROR_KEY: {"file", "reason"}}``."""
+        return {"case_id": self.case_id, **fields, CASE_ERROR_KEY: {"file": self.path, "reason": self.reason}}
+
+    @classmethod
+    def from_entry(cls, entry: Mapping) -> CaseError | None:
+        """The error an entry made by :meth:`as_entry` carries, else None."""
+        error = entry.get(CASE_ERROR_KEY)
+        if not error:
+            return None
+        return cls(entry_case_id(entry), error.get("file") or "?", error.get("reason") or "unusable case")
+
+
+class BadCasesError(DatasetError):
+    """Several cases of a dataset are unusable; ``errors`` holds one :class:`CaseError` per case, and the message
+    lists every one of them (case, file, reason)."""
+
+    def __init__(self, errors: Sequence[CaseError], where: str | os.PathLike):
+        self.errors = list(errors)
+        lines = [f"  - {e}" for e in self.errors]
+        super().__init__("\n".join([f"{len(self.errors)} unusable cases in {where}; fix or remove them:", *lines]))
 
 
 @dataclass(frozen=True)
@@ -121,22 +150,45 @@ def _check_dims(info: NiftiInfo, case_id: str, channels: int | None) -> None:
         )
 
 
+def _odd_one_out(
+    infos: Sequence[NiftiInfo], same: Callable[[NiftiInfo, NiftiInfo], bool]
+) -> tuple[NiftiInfo, NiftiInfo, list[NiftiInfo]] | None:
+    """``(odd, reference, agreeing)`` when the files do not all agree, else None.
+
+    The reference is the file most others agree with (the first on a tie); the odd one out is the first file that
+    disagrees with it, so a differing T1c is named rather than blaming the three files that agree with each other.
+    """
+    agree = [sum(same(a, b) for b in infos) for a in infos]
+    ref = infos[agree.index(max(agree))]
+    odd = [info for info in infos if not same(info, ref)]
+    if not odd:
+        return None
+    return odd[0], ref, [info for info in infos if same(info, ref)]
+
+
+def _names(infos: Sequence[NiftiInfo]) -> str:
+    return ", ".join(Path(info.path).name for info in infos)
+
+
 def _check_same_grid(infos: Sequence[NiftiInfo], case_id: str) -> None:
-    ref = infos[0]
-    for info in infos[1:]:
-        if info.shape[:3] != ref.shape[:3]:
-            raise CaseError(
-                case_id,
-                info.path,
-                f"shape {info.shape[:3]} differs from {ref.shape[:3]} of {Path(ref.path).name} in the same case",
-            )
-        if not np.allclose(info.affine, ref.affine, rtol=0.0, atol=AFFINE_ATOL):
-            raise CaseError(
-                case_id,
-                info.path,
-                f"affine differs from that of {Path(ref.path).name} in the same case "
-                f"(max difference {np.abs(info.affine - ref.affine).max():.4g}); the modalities are not co-registered",
-            )
+    """All files of a case share shape and affine; the error names the file that differs from the majority."""
+    found = _odd_one_out(infos, lambda a, b: a.shape[:3] == b.shape[:3])
+    if found is not None:
+        odd, ref, agreeing = found
+        raise CaseError(
+            case_id,
+            odd.path,
+            f"shape {odd.shape[:3]} differs from {ref.shape[:3]} of {_names(agreeing)} in the same case",
+        )
+    found = _odd_one_out(infos, lambda a, b: np.allclose(a.affine, b.affine, rtol=0.0, atol=AFFINE_ATOL))
+    if found is not None:
+        odd, ref, agreeing = found
+        raise CaseError(
+            case_id,
+            odd.path,
+            f"affine differs from that of {_names(agreeing)} in the same case "
+            f"(max difference {np.abs(odd.affine - ref.affine).max():.4g}); the modalities are not co-registered",
+        )
 
 
 def _load(path: str, case_id: str) -> np.ndarray:
@@ -166,10 +218,13 @@ def check_case(entry: Mapping, check_data: bool = True) -> None:
     Args:
         entry: ``{"image": [4 paths] | 4-D path, "label"?: path, "case_id"?: str, "channel_order"?: [int],
             "label_convention"?: str}`` as produced by :func:`brats_pipeline.datalist.find_cases`; a 4-D image
-            (MSD) has its channels in the last axis.
+            (MSD) has its channels in the last axis. An entry carrying :data:`CASE_ERROR_KEY` raises that error.
         check_data: also load the arrays: reject NaN/Inf voxels and all-zero images (or channels), and label
             values outside ``label_convention`` when the entry names one.
     """
+    error = CaseError.from_entry(entry)
+    if error is not None:
+        raise error
     case_id = entry_case_id(entry)
     image = entry.get("image")
     if not image:
@@ -214,6 +269,8 @@ def check_case(entry: Mapping, check_data: bool = True) -> None:
 
 __all__ = [
     "AFFINE_ATOL",
+    "CASE_ERROR_KEY",
+    "BadCasesError",
     "CaseError",
     "DatasetError",
     "NiftiInfo",

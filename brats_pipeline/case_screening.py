@@ -5,6 +5,7 @@ from the DataLoader (a truncated file, a NaN volume) or from the iteration: ther
 on". So the bundles check every case *before* the evaluator sees it::
 
     "case_report": {"_target_": "brats_pipeline.case_screening.CaseFailureReport"},
+    "all_cases": "$brats_pipeline.datalist.find_cases(@dataset_dir, check_files=False, keep_bad_cases=True)",
     "cases": "$brats_pipeline.case_screening.screen_cases(@all_cases, strict=@strict, report=@case_report)",
     "dataset": {"_target_": "Dataset", "data": "@cases", ...},
     "val_handlers": ["@case_report", ...],             # first, so it sees an exception before StatsHandler
@@ -13,7 +14,9 @@ on". So the bundles check every case *before* the evaluator sees it::
 :func:`screen_cases` runs :func:`brats_pipeline.case_checks.check_case` on every entry (it loads the data and
 rejects missing, truncated or unreadable files, NaN/Inf, all-zero images, 2-D or mismatched volumes and label
 values outside the convention), logs each bad case with its file and reason, records it in the report, and
-returns the good ones; the evaluator then processes every good case. ``finalize`` turns the recorded failures
+returns the good ones. Cases the datalist step could not assemble (a case folder without a modality or with two
+files for one, a folder that does not follow the layout) reach it as entries carrying their error
+(``keep_bad_cases=True``) and are reported the same way; the evaluator then processes every good case. ``finalize`` turns the recorded failures
 into a non-zero exit status with a summary that lists every bad case, so a batch job notices them.
 
 A failure that still happens during the run (out of memory, a disk full while writing) is recorded by the
@@ -34,6 +37,7 @@ from typing import Any
 from monai.utils import min_version, optional_import
 
 from brats_pipeline.atomic_files import write_json_atomic
+from brats_pipeline.case_checks import CaseError, check_case
 from brats_pipeline.layouts import case_id_from_path, entry_case_id
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
@@ -205,12 +209,6 @@ def _batch_case_ids(batch: Any, key: str) -> list[str]:
     return [case_id_from_path(str(n)) for n in (names if isinstance(names, (list, tuple)) else [names])]
 
 
-def _default_check(entry: Mapping) -> None:
-    from brats_pipeline.case_checks import check_case
-
-    check_case(entry)
-
-
 def screen_cases(
     entries: Sequence[Mapping],
     strict: bool = False,
@@ -221,7 +219,8 @@ def screen_cases(
     """Check every entry and return the good ones, in order.
 
     Args:
-        entries: datalist entries (``{"image": ..., "label"?: ..., "case_id"?: ...}``).
+        entries: datalist entries (``{"image": ..., "label"?: ..., "case_id"?: ...}``), including the unusable
+            cases that ``find_cases(keep_bad_cases=True)`` returns with their error (reported without ``check``).
         strict: raise the first bad case's error instead of skipping it.
         report: where the bad cases are recorded (a new one when omitted; then only the log tells).
         check: the check of one entry, raising on a bad case; default
@@ -237,9 +236,12 @@ def screen_cases(
             exception from ``check`` likewise).
     """
     report = CaseFailureReport() if report is None else report
-    check = _default_check if check is None else check
+    check = check_case if check is None else check
 
     def run(entry: Mapping) -> BaseException | None:
+        error = CaseError.from_entry(entry)  # a case the datalist could not assemble
+        if error is not None:
+            return error
         try:
             check(entry)
         except Exception as e:  # every failure is a bad case; unexpected ones keep their type in the reason

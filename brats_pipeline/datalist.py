@@ -6,6 +6,13 @@ The layout is recognised from folder names alone (see :mod:`brats_pipeline.layou
 archive unpacks into can be given as is); an MSD ``dataset.json`` makes it ``msd``. Cases without a label
 (validation/test releases) land in ``testing``.
 
+Bad cases: a case folder that lacks a modality, holds two files for one, or a folder of NIfTI files next to the
+case folders whose name does not follow the layout, and (with ``check_files``) any file that fails the header
+checks of :mod:`brats_pipeline.case_checks`. :func:`build_datalist` (training) raises one
+:class:`~brats_pipeline.case_checks.BadCasesError` that lists every bad case; ``find_cases(keep_bad_cases=True)``
+(inference) returns them as entries that carry their error, which
+:func:`brats_pipeline.case_screening.screen_cases` reports and skips.
+
 Each entry::
 
     {"case_id": "BraTS-GLI-00001-000", "image": [t1c, t1, t2, flair paths], "label": path,
@@ -31,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from brats_pipeline.atomic_files import write_json_atomic
-from brats_pipeline.case_checks import CaseError, DatasetError, check_case
+from brats_pipeline.case_checks import CASE_ERROR_KEY, BadCasesError, CaseError, DatasetError, check_case
 from brats_pipeline.layouts import (
     CHANNELS,
     MSD_CHANNELS,
@@ -80,6 +87,7 @@ def _modality_of(file_name: str, case_name: str, layout: BratsLayout) -> str | N
 
 
 def _parse_case_dir(case_dir: Path, layout: BratsLayout) -> dict:
+    """The datalist entry of one case folder; :class:`CaseError` for a doubled or missing modality."""
     case_id = case_dir.name
     found: dict[str, list[Path]] = {}
     unknown: list[Path] = []
@@ -94,7 +102,8 @@ def _parse_case_dir(case_dir: Path, layout: BratsLayout) -> dict:
     for modality, files in found.items():
         if len(files) > 1:
             names = ", ".join(f.name for f in files)
-            raise CaseError(case_id, files[1], f"two files for {modality!r} in one case folder ({names}); keep one")
+            extra = next((f for f in files if f.name != layout.filename(case_id, modality)), files[1])  # the copy
+            raise CaseError(case_id, extra, f"two files for {modality!r} in one case folder ({names}); keep one")
     if "seg" not in found:
         # BraTS 2020 ships Training_355 with its label named 'W39_1998.09.19_Segm.nii'
         segs = [f for f in unknown if "seg" in f.name.lower()]
@@ -102,20 +111,33 @@ def _parse_case_dir(case_dir: Path, layout: BratsLayout) -> dict:
             logger.warning("case %s: using %s as the label (non-standard name)", case_id, segs[0].name)
             found["seg"] = segs
             unknown.remove(segs[0])
+    missing = [m for m in CHANNELS if m not in found]
+    if missing:
+        expected = [case_dir / layout.filename(case_id, m) for m in missing]
+        what = f"the {missing[0]} image" if len(missing) == 1 else f"the {', '.join(missing)} images"
+        reason = f"missing {what} (no file {', '.join(e.name for e in expected)} or .nii)"
+        if unknown:
+            reason += f"; NIfTI files not named for this case and layout: {', '.join(f.name for f in unknown)}"
+        raise CaseError(case_id, expected[0], reason)
     for f in unknown:
         logger.warning("case %s: ignoring unrecognised NIfTI file %s", case_id, f)
-    images = []
-    for modality in CHANNELS:
-        if modality not in found:
-            expected = case_dir / layout.filename(case_id, modality)
-            raise CaseError(case_id, expected, f"missing the {modality} image (no file {expected.name} or .nii)")
-        images.append(str(found[modality][0].resolve()))
-    entry: dict = {"case_id": case_id, "image": images}
+    entry: dict = {"case_id": case_id, "image": [str(found[m][0].resolve()) for m in CHANNELS]}
     if "seg" in found:
         entry["label"] = str(found["seg"][0].resolve())
     entry["layout"] = layout.name
     entry["label_convention"] = layout.label_convention
     return entry
+
+
+def _stray_error(folder: Path, neighbour: Path, layout: BratsLayout) -> CaseError:
+    nifti = sorted(f.name for f in folder.iterdir() if f.is_file() and is_nifti(f.name))
+    return CaseError(
+        folder.name,
+        folder,
+        f"folder name does not follow the {layout.name} case naming of the folders beside it "
+        f"(e.g. {neighbour.name}), so its {len(nifti)} NIfTI file(s) ({', '.join(nifti[:4])}"
+        f"{', ...' if len(nifti) > 4 else ''}) belong to no case; rename or remove it",
+    )
 
 
 def _msd_channel_order(meta: Mapping, json_file: Path) -> list[int]:
@@ -134,7 +156,8 @@ def _msd_channel_order(meta: Mapping, json_file: Path) -> list[int]:
     return [names[c] for c in CHANNELS]
 
 
-def _read_msd(json_file: Path) -> list[dict]:
+def _read_msd(json_file: Path) -> tuple[list[dict], list[CaseError]]:
+    """The cases an MSD ``dataset.json`` lists, and the errors of those whose files are missing."""
     try:
         meta = json.loads(json_file.read_text())
     except (OSError, ValueError) as e:
@@ -156,10 +179,16 @@ def _read_msd(json_file: Path) -> list[dict]:
         out.update(layout="msd", label_convention=MSD_LABEL_CONVENTION, channel_order=list(order))
         return out
 
-    cases = [entry(item["image"], item.get("label")) for item in meta.get("training", [])]
-    for item in meta.get("test", []):
-        cases.append(entry(item["image"] if isinstance(item, Mapping) else item, None))
-    return cases
+    items = [(item["image"], item.get("label")) for item in meta.get("training", [])]
+    items += [(item["image"] if isinstance(item, Mapping) else item, None) for item in meta.get("test", [])]
+    cases: list[dict] = []
+    errors: list[CaseError] = []
+    for image, label in items:
+        try:
+            cases.append(entry(image, label))
+        except CaseError as e:
+            errors.append(e)
+    return cases, errors
 
 
 def _is_msd_json(path: Path) -> bool:
@@ -170,13 +199,23 @@ def _is_msd_json(path: Path) -> bool:
     return isinstance(meta, Mapping) and ("training" in meta or "test" in meta)
 
 
-def _scan(root: Path) -> tuple[list[tuple[Path, BratsLayout]], list[Path]]:
-    """Case folders and MSD ``dataset.json`` files at most :data:`MAX_DEPTH` levels below ``root``."""
+def _holds_nifti(folder: Path) -> bool:
+    try:
+        return any(f.is_file() and is_nifti(f.name) and not f.name.startswith(".") for f in folder.iterdir())
+    except OSError:
+        return False
+
+
+def _scan(root: Path) -> tuple[list[tuple[Path, BratsLayout]], list[Path], list[tuple[Path, Path]]]:
+    """Case folders and MSD ``dataset.json`` files at most :data:`MAX_DEPTH` levels below ``root``, and the stray
+    folders: ``(folder, a case folder beside it)`` for each folder of NIfTI files next to case folders whose name
+    follows no layout."""
     layout = layout_of_case(root.name)
     if layout is not None:  # the folder of a single case
-        return [(root, layout)], []
+        return [(root, layout)], [], []
     cases: list[tuple[Path, BratsLayout]] = []
     msd: list[Path] = []
+    strays: list[tuple[Path, Path]] = []
     pending = [(root, 0)]
     while pending:
         folder, depth = pending.pop()
@@ -184,24 +223,52 @@ def _scan(root: Path) -> tuple[list[tuple[Path, BratsLayout]], list[Path]]:
         if json_file.is_file() and _is_msd_json(json_file):
             msd.append(json_file)
             continue
+        others: list[Path] = []
+        first_case: Path | None = None
         for child in sorted(folder.iterdir()):
             if child.name.startswith(".") or not child.is_dir():
                 continue
             layout = layout_of_case(child.name)
             if layout is not None:
                 cases.append((child, layout))
+                first_case = first_case or child
+            else:
+                others.append(child)
+        for child in others:
+            if first_case is not None and _holds_nifti(child):
+                strays.append((child, first_case))
             elif depth < MAX_DEPTH:
                 pending.append((child, depth + 1))
-    return cases, msd
+    return cases, msd, strays
 
 
-def find_cases(dataset_dir: str | os.PathLike, check_files: bool = True) -> list[dict]:
+def _duplicate_errors(cases: list[dict]) -> tuple[list[dict], list[CaseError]]:
+    """``cases`` without the later entries of a case id seen before, and one error for each of those."""
+
+    def where(case: dict) -> str | Path:
+        return case["image"] if isinstance(case["image"], str) else Path(case["image"][0]).parent
+
+    seen: dict[str, dict] = {}
+    errors: list[CaseError] = []
+    for case in cases:
+        first = seen.setdefault(case["case_id"], case)
+        if first is not case:
+            errors.append(
+                CaseError(case["case_id"], where(case), f"the same case id appears twice (also at {where(first)})")
+            )
+    return list(seen.values()), errors
+
+
+def find_cases(dataset_dir: str | os.PathLike, check_files: bool = True, keep_bad_cases: bool = False) -> list[dict]:
     """All cases under ``dataset_dir``, sorted by case id, in one recognised layout.
 
     Args:
         dataset_dir: a dataset folder (or any folder above the case folders, or a single case folder).
         check_files: run the header-level checks of :func:`brats_pipeline.case_checks.check_case` on every case
             (existence, readable non-truncated NIfTI, 3-D (4-D for MSD), same shape and affine in a case).
+        keep_bad_cases: return each unusable case (a missing or doubled modality, a stray folder, a case id seen
+            twice, a failed header check) as an entry ``{"case_id", ..., "case_error": {"file", "reason"}}``
+            instead of raising, for :func:`brats_pipeline.case_screening.screen_cases` to report and skip.
 
     Returns:
         entries ``{"case_id", "image", "label"?, "layout", "label_convention", "channel_order"? (MSD)}`` with
@@ -209,12 +276,13 @@ def find_cases(dataset_dir: str | os.PathLike, check_files: bool = True) -> list
 
     Raises:
         DatasetError: the folder is missing or empty, holds no recognisable case, or mixes layouts.
-        CaseError: a case is unusable (the message names the case and the file).
+        CaseError: without ``keep_bad_cases``, the one unusable case (the message names the case and the file).
+        BadCasesError: without ``keep_bad_cases``, several unusable cases: the message lists every one.
     """
     root = Path(dataset_dir).expanduser().resolve()
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist or is not a folder")
-    case_dirs, msd_files = _scan(root)
+    case_dirs, msd_files, strays = _scan(root)
     kinds = sorted({layout.name for _, layout in case_dirs} | ({"msd"} if msd_files else set()))
     if not kinds:
         what = "is empty" if not any(root.iterdir()) else "holds no recognisable BraTS case"
@@ -229,24 +297,36 @@ def find_cases(dataset_dir: str | os.PathLike, check_files: bool = True) -> list
             f"dataset folder {root} mixes several datasets/layouts {kinds} (e.g. {', '.join(where)}); "
             "point dataset_dir at one of them"
         )
+    errors: list[CaseError] = []
     if msd_files:
-        cases = _read_msd(msd_files[0])
+        cases, errors = _read_msd(msd_files[0])
+        layout_fields = {"layout": "msd", "label_convention": MSD_LABEL_CONVENTION}
     else:
-        cases = [_parse_case_dir(path, layout) for path, layout in case_dirs]
-    seen: dict[str, dict] = {}
+        cases = []
+        for path, layout in case_dirs:
+            try:
+                cases.append(_parse_case_dir(path, layout))
+            except CaseError as e:
+                errors.append(e)
+        layout = case_dirs[0][1]
+        errors += [_stray_error(folder, neighbour, layout) for folder, neighbour in strays]
+        layout_fields = {"layout": layout.name, "label_convention": layout.label_convention}
+    cases, duplicates = _duplicate_errors(cases)
+    errors += duplicates
+    entries = [e.as_entry(**layout_fields) for e in errors]  # cases that could not be assembled
     for case in cases:
-        if case["case_id"] in seen:
-            first = seen[case["case_id"]]["image"]
-            raise CaseError(
-                case["case_id"],
-                case["image"] if isinstance(case["image"], str) else Path(case["image"][0]).parent,
-                f"the same case id appears twice (also at {first if isinstance(first, str) else Path(first[0]).parent})",
-            )
-        seen[case["case_id"]] = case
-    if check_files:
-        for case in cases:
-            check_case(case, check_data=False)
-    return sorted(cases, key=lambda c: c["case_id"])
+        try:
+            if check_files:
+                check_case(case, check_data=False)
+        except CaseError as e:
+            errors.append(e)
+            case = e.as_entry(**{k: v for k, v in case.items() if k != "case_id"})
+        entries.append(case)
+    if errors and not keep_bad_cases:
+        if len(errors) == 1:
+            raise errors[0]
+        raise BadCasesError(sorted(errors, key=lambda e: e.case_id), root)
+    return sorted(entries, key=lambda c: c["case_id"])
 
 
 def _num_validation(num_validation: int | float, num_labelled: int) -> int:
@@ -268,6 +348,7 @@ def build_datalist(
     num_validation: int | float = 0,
     seed: int = 0,
     check_files: bool = True,
+    keep_bad_cases: bool = False,
 ) -> dict:
     """Decathlon-style datalist of ``dataset_dir`` with a seeded cross-validation split.
 
@@ -276,14 +357,25 @@ def build_datalist(
     assigned round-robin in shuffled order (folds differ in size by at most one). Unlabelled cases form
     ``testing``. Lists are sorted by case id.
 
+    Args:
+        keep_bad_cases: list the unusable cases under ``"bad_cases"`` (entries carrying their error, see
+            :func:`find_cases`) instead of raising; they take no part in the split. Off for training, which must
+            not start on a dataset with bad cases.
+
     Returns:
         ``{"name", "dataset_dir", "layout", "label_convention", "channels", "num_folds", "seed", "training",
-        "validation", "testing"}``; written atomically as JSON to ``output_file`` when given.
+        "validation", "testing"}`` (and ``"bad_cases"`` with ``keep_bad_cases``); written atomically as JSON to
+        ``output_file`` when given.
+
+    Raises:
+        CaseError, BadCasesError: without ``keep_bad_cases``, naming every unusable case (see :func:`find_cases`).
     """
     num_folds = int(num_folds)
     if num_folds < 1:
         raise ValueError(f"num_folds must be at least 1, got {num_folds}")
-    cases = find_cases(dataset_dir, check_files=check_files)
+    found = find_cases(dataset_dir, check_files=check_files, keep_bad_cases=keep_bad_cases)
+    cases = [c for c in found if CASE_ERROR_KEY not in c]
+    bad_cases = [c for c in found if CASE_ERROR_KEY in c]
     labelled = [c for c in cases if "label" in c]
     n_val = _num_validation(num_validation, len(labelled))
     order = np.random.default_rng(int(seed)).permutation(len(labelled))
@@ -295,8 +387,8 @@ def build_datalist(
     datalist = {
         "name": root.name,
         "dataset_dir": str(root),
-        "layout": cases[0]["layout"],
-        "label_convention": cases[0]["label_convention"],
+        "layout": found[0]["layout"],
+        "label_convention": found[0]["label_convention"],
         "channels": list(CHANNELS),
         "num_folds": num_folds,
         "seed": int(seed),
@@ -304,6 +396,8 @@ def build_datalist(
         "validation": sorted(validation, key=lambda c: c["case_id"]),
         "testing": [c for c in cases if "label" not in c],
     }
+    if keep_bad_cases:
+        datalist["bad_cases"] = bad_cases
     if output_file is not None:
         write_json_atomic(datalist, output_file)
     return datalist

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -14,8 +17,10 @@ from monai.engines import SupervisedEvaluator
 from monai.handlers import StatsHandler
 from monai.transforms import Compose, EnsureChannelFirstd, Lambdad, LoadImaged
 
-from brats_pipeline.case_checks import CaseError
+from brats_pipeline.case_checks import BadCasesError, CaseError
 from brats_pipeline.case_screening import CaseFailureReport, CasesFailedError, screen_cases
+from brats_pipeline.datalist import build_datalist, find_cases
+from brats_pipeline.synthetic import generate_dataset
 
 SHAPE = (10, 9, 8)
 MODALITIES = ("t1c", "t1n", "t2w", "t2f")
@@ -204,3 +209,149 @@ def test_failure_during_inference_names_the_case_from_the_batch(cases, caplog):
     assert (report.failures[-1].case_id, report.failures[-1].stage) == ("C2-good", "inference")
     assert "out of memory" in report.failures[-1].reason and len(report.failures) == 1
     assert "not processed: C7-good" in caplog.text
+
+
+# --- a dataset folder with bad cases, written by brats_pipeline.synthetic ------------------------------------------
+
+TINY = (24, 24, 24)
+
+
+def _case(root: Path, index: int) -> Path:
+    return root / f"BraTS-GLI-{index:05d}-000"
+
+
+def _file(root: Path, index: int, suffix: str) -> Path:
+    return _case(root, index) / f"{_case(root, index).name}-{suffix}.nii.gz"
+
+
+@pytest.fixture
+def mixed_folder(tmp_path) -> Path:
+    """BraTS 2023, 24^3: good cases 1, 3 and 6; case 2 lacks its T2w; case 4 holds two T1c files; case 5's T1c has
+    another shape than its other files; ``BraTS-GLI-00007`` (no ``-000``) is a folder of NIfTI files next to them
+    that follows no layout."""
+    root = tmp_path / "cases"
+    generate_dataset(root, 6, "brats2023", TINY, seed=0)
+    _file(root, 2, "t2w").unlink()
+    shutil.copy(_file(root, 4, "t1c"), _case(root, 4) / f"{_case(root, 4).name}-t1c (1).nii.gz")
+    t1c = nib.load(_file(root, 5, "t1c"))
+    nib.save(nib.Nifti1Image(np.asanyarray(t1c.dataobj)[:, :, :20], t1c.affine), _file(root, 5, "t1c"))
+    shutil.copytree(_case(root, 6), root / "BraTS-GLI-00007")
+    return root
+
+
+def _expected_failures(root: Path) -> dict[str, tuple[str, str]]:
+    """case id -> (file, pattern of the reason)."""
+    return {
+        "BraTS-GLI-00002-000": (str(_file(root, 2, "t2w")), r"missing the t2 image \(no file BraTS-GLI-00002-000-t2w"),
+        "BraTS-GLI-00004-000": (
+            str(_case(root, 4) / "BraTS-GLI-00004-000-t1c (1).nii.gz"),
+            r"two files for 't1c' in one case folder",
+        ),
+        # the odd file out is the T1c, not the T1n that the old first-file rule would have blamed
+        "BraTS-GLI-00005-000": (
+            str(_file(root, 5, "t1c")),
+            r"shape \(24, 24, 20\) differs from \(24, 24, 24\) of BraTS-GLI-00005-000-t1n.nii.gz, "
+            r"BraTS-GLI-00005-000-t2w.nii.gz, BraTS-GLI-00005-000-t2f.nii.gz, BraTS-GLI-00005-000-seg.nii.gz",
+        ),
+        "BraTS-GLI-00007": (
+            str(root / "BraTS-GLI-00007"),
+            r"folder name does not follow the brats2023 case naming .*\(e.g. BraTS-GLI-00001-000\)",
+        ),
+    }
+
+
+def test_inference_datalist_keeps_bad_cases_for_screening(mixed_folder, tmp_path):
+    """The inference path: ``find_cases(check_files=False, keep_bad_cases=True)``, then :func:`screen_cases`."""
+    entries = find_cases(mixed_folder, check_files=False, keep_bad_cases=True)
+    assert len(entries) == 7
+    report = CaseFailureReport(summary_file=tmp_path / "failures.json")
+    good = screen_cases(entries, report=report)
+    assert [c["case_id"] for c in good] == [f"BraTS-GLI-0000{i}-000" for i in (1, 3, 6)]
+    expected = _expected_failures(mixed_folder)
+    assert report.failed_cases == sorted(expected)
+    for failure in report.failures:
+        file, reason = expected[failure.case_id]
+        assert failure.file == file and failure.stage == "screening"
+        assert re.search(reason, failure.reason), failure.reason
+    with pytest.raises(CasesFailedError) as info:
+        report.raise_if_failed()
+    assert str(info.value.code).startswith("4 case(s) failed (7 screened, 3 accepted, 0 processed)")
+    assert all(case in str(info.value.code) for case in expected)
+    assert len(json.loads((tmp_path / "failures.json").read_text())["failures"]) == 4
+
+    with pytest.raises(CaseError, match="BraTS-GLI-00002-000.*missing the t2 image"):
+        screen_cases(entries, strict=True)  # the first bad case in order
+    # header checks in find_cases itself: the odd-shaped case is kept as a bad case too, with the same error
+    checked = find_cases(mixed_folder, keep_bad_cases=True)
+    assert [c["case_id"] for c in checked if "case_error" in c] == sorted(expected)
+    assert screen_cases(checked, check=lambda entry: None) == good  # a custom check never sees a bad entry
+
+
+def test_training_datalist_names_every_bad_case_in_one_error(mixed_folder, tmp_path):
+    out = tmp_path / "datalist.json"
+    with pytest.raises(BadCasesError) as info:
+        build_datalist(mixed_folder, output_file=out, num_folds=2)
+    assert not out.exists()
+    text = str(info.value)
+    assert text.startswith(f"4 unusable cases in {mixed_folder}")
+    expected = _expected_failures(mixed_folder)
+    assert [e.case_id for e in info.value.errors] == sorted(expected)
+    for error in info.value.errors:
+        file, reason = expected[error.case_id]
+        assert error.path == file and re.search(reason, error.reason)
+        assert f"case {error.case_id!r}: {file}: " in text
+    with pytest.raises(BadCasesError):
+        find_cases(mixed_folder, check_files=False)  # the assembly errors alone are three
+
+    # an evaluation can keep them aside: the split is made of the good cases only
+    d = build_datalist(mixed_folder, num_folds=2, num_validation=1, keep_bad_cases=True)
+    assert sorted(c["case_id"] for c in d["training"] + d["validation"]) == [
+        f"BraTS-GLI-0000{i}-000" for i in (1, 3, 6)
+    ]
+    assert [c["case_id"] for c in d["bad_cases"]] == sorted(expected)
+
+
+def test_odd_file_out_by_affine_and_single_bad_case(tmp_path):
+    """One bad case raises its own CaseError; a T1c whose affine differs from the other four files is named."""
+    root = tmp_path / "cases"
+    generate_dataset(root, 2, "brats2021", TINY, seed=1)
+    case = root / "BraTS2021_00002"
+    t1c = nib.load(case / "BraTS2021_00002_t1ce.nii.gz")
+    affine = t1c.affine.copy()
+    affine[0, 3] += 3.0
+    nib.save(nib.Nifti1Image(np.asanyarray(t1c.dataobj), affine), case / "BraTS2021_00002_t1ce.nii.gz")
+    with pytest.raises(CaseError, match=r"BraTS2021_00002_t1ce.nii.gz: affine differs from that of BraTS2021_00002_t1"):
+        build_datalist(root, num_folds=1)
+
+
+@pytest.mark.filterwarnings("ignore:parsing config_file")
+def test_bundle_inference_writes_the_good_cases_and_exits_with_the_bad_ones(mixed_folder, tmp_path):
+    """espnet3d's inference.json (untrained, width 8) over the mixed folder: three label maps, then exit status 1
+    with the four bad cases. ``all_cases#keep_bad_cases`` is set here in case the config does not set it."""
+    from monai.bundle import ConfigWorkflow
+
+    from custom_networks.espnet3d import ESPNet3D
+
+    (tmp_path / "models").mkdir()
+    torch.manual_seed(0)
+    torch.save(ESPNet3D(channels=(4, 8, 32, 64)).state_dict(), tmp_path / "models" / "model.pt")
+    config = Path(__file__).resolve().parents[1] / "bundles" / "espnet3d" / "configs" / "inference.json"
+    wf = ConfigWorkflow(
+        config_file=str(config),
+        logging_file=False,
+        workflow_type="inference",
+        bundle_root=str(tmp_path),
+        dataset_dir=str(mixed_folder),
+        network_width=8,
+        num_workers=0,
+        **{"all_cases#keep_bad_cases": True},
+    )
+    wf.initialize()
+    wf.run()
+    with pytest.raises(CasesFailedError) as info:
+        wf.finalize()
+    written = sorted(p.name for p in (tmp_path / "eval" / "predictions").glob("*.nii.gz"))
+    assert written == [f"BraTS-GLI-0000{i}-000.nii.gz" for i in (1, 3, 6)]
+    assert str(info.value.code).startswith("4 case(s) failed (7 screened, 3 accepted, 3 processed)")
+    for case, (file, _) in _expected_failures(mixed_folder).items():
+        assert f"{case} [screening] {file}: " in str(info.value.code)
