@@ -5,10 +5,14 @@ expects::
 
     <name>/configs/      metadata.json, train.json, inference.json, evaluate.json, multi_gpu_train.json, logging.conf
     <name>/docs/         README.md (model card), data_license.txt
-    <name>/models/       model.pt when it is at most ``max_file_mb``; bigger files are listed in large_files.yml
+    <name>/models/       model.pt when it is at most ``max_file_mb``; bigger files are listed in large_files.json
     <name>/scripts/      brats_pipeline/ and custom_networks/, copied from this repository
     <name>/LICENSE
-    <name>/large_files.yml   only when a weight file is too big to ship inside the zip
+    <name>/large_files.json  only when a weight file is too big to ship inside the zip
+
+``large_files.json`` is ``{"large_files": [{"path", "url", "hash_val", "hash_type"}]}``, what
+``python -m monai.bundle download_large_files --bundle_path <name>`` reads; JSON rather than the Model Zoo's usual
+``large_files.yml`` because reading YAML needs PyYAML, which MONAI does not install and a bundle user may lack.
 
 The bundle configs name our code by ``_target_`` only (never ``$import brats_pipeline``), and their
 ``bundle_code`` item puts ``<bundle_root>/scripts`` on ``sys.path`` before anything of ours is built: during
@@ -36,7 +40,7 @@ from brats_pipeline.atomic_files import atomic_write
 
 logger = logging.getLogger(__name__)
 
-#: the Model Zoo keeps files above this size out of the bundle (``large_files.yml``)
+#: the Model Zoo keeps files above this size out of the bundle (``large_files.json``)
 MAX_FILE_MB = 25.0
 #: what the Model Zoo's CI requires of every bundle, plus what our commands need
 REQUIRED_FILES = (
@@ -54,7 +58,9 @@ REQUIRED_FILES = (
 VENDORED_PACKAGES = ("brats_pipeline", "custom_networks")
 #: folders of a working bundle that never travel (training outputs, logs)
 SKIPPED_FOLDERS = ("eval", "logs", "runs", "__pycache__")
-LARGE_FILES_NAME = "large_files.yml"
+LARGE_FILES_NAME = "large_files.json"
+#: every name ``download_large_files`` reads (it reads them all): a stale one in a bundle folder never travels
+LARGE_FILES_NAMES = (LARGE_FILES_NAME, "large_files.yml", "large_files.yaml")
 
 
 class BundlePackagingError(ValueError):
@@ -114,13 +120,10 @@ def _package_files(package: str) -> Iterator[tuple[Path, str]]:
             yield path, f"scripts/{package}/{path.relative_to(root).as_posix()}"
 
 
-def _large_files_yaml(entries: list[dict[str, str]]) -> str:
-    lines = ["large_files:"]
-    for entry in entries:
-        lines.append(f'  - path: "{entry["path"]}"')
-        for key in ("url", "hash_val", "hash_type"):
-            lines.append(f'    {key}: "{entry[key]}"')
-    return "\n".join(lines) + "\n"
+def _large_files_json(entries: list[dict[str, str]]) -> str:
+    """The ``large_files.json`` that ``monai.bundle download_large_files`` reads (each item's keys other than
+    ``path`` are passed to ``monai.apps.download_url``)."""
+    return json.dumps({"large_files": entries}, indent=4) + "\n"
 
 
 def package_bundle(
@@ -137,7 +140,7 @@ def package_bundle(
         output_dir: where the zip is written (atomically: a half-written zip never carries the final name).
         weights: a checkpoint to ship as ``models/model.pt`` instead of the bundle's own (e.g. a training run's).
         weights_url: where a ``models/`` file bigger than ``max_file_mb`` can be downloaded; written to
-            ``large_files.yml`` with its SHA-256 so ``python -m monai.bundle download_large_files`` fetches and
+            ``large_files.json`` with its SHA-256 so ``python -m monai.bundle download_large_files`` fetches and
             checks it. Required when such a file exists.
         max_file_mb: size limit for a file inside the zip (the Model Zoo's 25 MB).
 
@@ -155,7 +158,7 @@ def package_bundle(
     members: list[tuple[Path, str]] = [
         (p, p.relative_to(bundle_dir).as_posix())
         for p in _bundle_files(bundle_dir)
-        if p.name != LARGE_FILES_NAME and p.name != ".gitkeep"
+        if p.name not in LARGE_FILES_NAMES and p.name != ".gitkeep"
     ]
     if weights is not None:
         members = [(p, rel) for p, rel in members if rel != "models/model.pt"]
@@ -182,7 +185,7 @@ def package_bundle(
         for path, rel in shipped:
             zf.write(path, f"{name}/{rel}")
         if large:
-            zf.writestr(f"{name}/{LARGE_FILES_NAME}", _large_files_yaml(large))
+            zf.writestr(f"{name}/{LARGE_FILES_NAME}", _large_files_json(large))
     logger.info("wrote %s (%d files; %d in %s)", target, len(shipped), len(large), LARGE_FILES_NAME)
     return target
 

@@ -1,14 +1,16 @@
 """Bundles that travel: ``<name>_v<version>.zip``, downloaded and used where this repository does not exist.
 
 The end-to-end test packages both bundles with weights at their default (paper) widths: espnet3d's 14 MB ride in
-the zip, segresnet_vae's 72 MB are over the Model Zoo's 25 MB and go to ``large_files.yml`` (with a ``file://``
-URL standing in for the host). Then, in a fresh folder and through ``tests/fresh_environment.py`` (our packages
-not importable), it runs the commands a user would: ``monai.bundle download``, ``download_large_files``,
+the zip, segresnet_vae's 72 MB are over the Model Zoo's 25 MB and go to ``large_files.json`` (with a ``file://``
+URL standing in for the host). A quick test fetches such a listed file where PyYAML cannot be imported: the bundle
+needs nothing its requirements do not declare. Then, in a fresh folder and through ``tests/fresh_environment.py`` (our packages
+and PyYAML not importable), it runs the commands a user would: ``monai.bundle download``, ``download_large_files``,
 ``monai.bundle run`` on a synthetic case, and ``monai.bundle.load`` of both bundles in one process.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -36,7 +38,8 @@ from brats_pipeline.synthetic import generate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = {name: REPO / "bundles" / name for name in ("segresnet_vae", "espnet3d")}
-FRESH = [sys.executable, str(REPO / "tests" / "fresh_environment.py"), str(REPO)]
+#: a fresh environment: this repository not importable, nor PyYAML, which the requirements do not declare
+FRESH = [sys.executable, str(REPO / "tests" / "fresh_environment.py"), str(REPO), "--block", "yaml"]
 BRATS2021_VALUES = {0, 1, 2, 4}
 
 LOAD_BOTH = """
@@ -105,10 +108,41 @@ def test_large_weights_need_a_url_and_never_enter_the_zip(tmp_path):
     )
     with zipfile.ZipFile(zip_path) as zf:
         names = zf.namelist()
-        listing = zf.read(f"espnet3d/{LARGE_FILES_NAME}").decode()
+        listing = json.loads(zf.read(f"espnet3d/{LARGE_FILES_NAME}"))
+    assert LARGE_FILES_NAME == "large_files.json"
     assert "espnet3d/models/model.pt" not in names
-    assert 'path: "models/model.pt"' in listing and 'url: "https://host/m.pt"' in listing
-    assert 'hash_type: "sha256"' in listing
+    assert listing == {
+        "large_files": [
+            {
+                "path": "models/model.pt",
+                "url": "https://host/m.pt",
+                "hash_val": hashlib.sha256(weights.read_bytes()).hexdigest(),
+                "hash_type": "sha256",
+            }
+        ]
+    }
+
+
+def test_large_files_download_without_pyyaml(tmp_path):
+    """``monai.bundle download_large_files`` on the unzipped bundle, in a fresh environment where ``import yaml``
+    fails: it reads our ``large_files.json``, fetches the weights from a ``file://`` URL and checks their SHA-256."""
+    bundle = _copy_bundle(tmp_path)
+    (bundle / "large_files.yml").write_text("large_files: []\n")  # a stale YAML listing must not travel
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(os.urandom(3 * 2**19))  # 1.5 MB
+    zip_path = package_bundle(bundle, tmp_path / "dist", weights=weights, weights_url=weights.as_uri(), max_file_mb=1)
+    with zipfile.ZipFile(zip_path) as zf:
+        assert {n for n in zf.namelist() if "large_files" in n} == {f"espnet3d/{LARGE_FILES_NAME}"}
+        zf.extractall(tmp_path / "unzipped")
+    probe = subprocess.run([*FRESH, "-c", "import yaml"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert probe.returncode != 0 and "No module named 'yaml'" in probe.stderr
+    cmd = [*FRESH, "-m", "monai.bundle", "download_large_files", "--bundle_path", "unzipped/espnet3d"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "Verified 'model.pt', sha256" in out
+    downloaded = tmp_path / "unzipped" / "espnet3d" / "models" / "model.pt"
+    assert hashlib.sha256(downloaded.read_bytes()).hexdigest() == hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
 def test_zip_layout(tmp_path):
