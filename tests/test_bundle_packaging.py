@@ -2,10 +2,10 @@
 
 The end-to-end test packages both bundles with weights at their default (paper) widths: espnet3d's 14 MB ride in
 the zip, segresnet_vae's 72 MB are over the Model Zoo's 25 MB and go to ``large_files.json`` (with a ``file://``
-URL standing in for the host). A quick test fetches such a listed file where PyYAML cannot be imported: the bundle
-needs nothing its requirements do not declare. Then, in a fresh folder and through ``tests/fresh_environment.py`` (our packages
-and PyYAML not importable), it runs the commands a user would: ``monai.bundle download``, ``download_large_files``,
-``monai.bundle run`` on a synthetic case, and ``monai.bundle.load`` of both bundles in one process.
+URL standing in for the host). Then, in a fresh folder and through ``tests/fresh_environment.py`` (our packages and
+PyYAML, which the requirements do not declare, not importable), it runs the commands a user would:
+``monai.bundle download``, ``download_large_files``, ``monai.bundle run`` on a synthetic case, and
+``monai.bundle.load`` of both bundles in one process. A quick test runs ``download_large_files`` alone.
 """
 
 from __future__ import annotations
