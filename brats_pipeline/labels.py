@@ -15,6 +15,12 @@ TC (tumor core = necrosis/non-enhancing + enhancing), WT (whole tumor = TC + ede
 always in the channel order ``REGIONS = ("TC", "WT", "ET")``. The contiguous classes used by softmax
 networks are ``0`` background, ``1`` necrosis/non-enhancing core, ``2`` edema, ``3`` enhancing tumor.
 
+BraTS 2024 post-treatment glioma (``brats2024``, in :data:`POST_TREATMENT_CONVENTIONS`) adds a fourth label,
+``4`` RC (resection cavity), to the 2023 values (1 NETC, 2 SNFH, 3 ET). RC is part of none of TC, WT, ET; that
+challenge scores it as a region of its own. Every conversion below leaves RC out (as background) unless asked
+with ``include_rc=True``: then regions are ``REGIONS_RC = ("TC", "WT", "ET", "RC")`` and classes run 0..4 with
+``4`` the resection cavity (:data:`CLASSES_RC`). For the three pre-treatment conventions nothing changes.
+
 Unlike MONAI's ``ConvertToMultiChannelBasedOnBratsClassesd`` (which silently drops label 3 of BraTS 2023),
 every value outside the chosen convention raises :class:`LabelConventionError` naming the file.
 """
@@ -32,10 +38,30 @@ from monai.transforms import MapTransform, Transform
 
 REGIONS: tuple[str, ...] = ("TC", "WT", "ET")
 CLASSES: tuple[str, ...] = ("background", "necrosis", "edema", "enhancing")
+#: regions with the BraTS 2024 resection cavity as a fourth channel (``include_rc=True``)
+REGIONS_RC: tuple[str, ...] = (*REGIONS, "RC")
+#: contiguous classes with the resection cavity as class 4 (``include_rc=True``)
+CLASSES_RC: tuple[str, ...] = (*CLASSES, "resection_cavity")
 
 
 class LabelConventionError(ValueError):
-    """A label map holds values outside its declared convention."""
+    """A label map holds values outside its declared convention.
+
+    ``source``, ``convention`` and ``bad_values`` (when set) let a caller word its own advice, e.g. a command line
+    naming its flags instead of the config key.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        source: str | None = None,
+        convention: str | None = None,
+        bad_values: tuple[float, ...] = (),
+    ) -> None:
+        super().__init__(message)
+        self.source = source
+        self.convention = convention
+        self.bad_values = bad_values
 
 
 @dataclass(frozen=True)
@@ -46,10 +72,17 @@ class LabelConvention:
     necrosis: int
     edema: int
     enhancing: int
+    #: label value of the resection cavity (BraTS 2024 post-treatment), ``None`` where the convention has none
+    resection_cavity: int | None = None
 
     @property
     def values(self) -> tuple[int, ...]:
-        return (0, self.necrosis, self.edema, self.enhancing)
+        base = (0, self.necrosis, self.edema, self.enhancing)
+        return base if self.resection_cavity is None else (*base, self.resection_cavity)
+
+    @property
+    def has_resection_cavity(self) -> bool:
+        return self.resection_cavity is not None
 
     @property
     def class_to_label(self) -> np.ndarray:
@@ -62,15 +95,36 @@ CONVENTIONS: dict[str, LabelConvention] = {
     "brats2023": LabelConvention("brats2023", necrosis=1, edema=2, enhancing=3),
     "msd": LabelConvention("msd", necrosis=2, edema=1, enhancing=3),
 }
+#: conventions with a resection cavity label; kept apart from :data:`CONVENTIONS` (the four-class pre-treatment
+#: conventions that the synthetic generator and the 4-class losses enumerate). :func:`get_convention` knows both.
+POST_TREATMENT_CONVENTIONS: dict[str, LabelConvention] = {
+    "brats2024": LabelConvention("brats2024", necrosis=1, edema=2, enhancing=3, resection_cavity=4),
+}
 
 
 def get_convention(name: str | LabelConvention) -> LabelConvention:
     if isinstance(name, LabelConvention):
         return name
-    try:
-        return CONVENTIONS[name]
-    except KeyError:
-        raise ValueError(f"unknown label convention {name!r}; choose one of {sorted(CONVENTIONS)}") from None
+    found = CONVENTIONS.get(name) or POST_TREATMENT_CONVENTIONS.get(name)
+    if found is None:
+        known = sorted({*CONVENTIONS, *POST_TREATMENT_CONVENTIONS})
+        raise ValueError(f"unknown label convention {name!r}; choose one of {known}")
+    return found
+
+
+def _rc_convention(convention: str | LabelConvention, include_rc: bool) -> LabelConvention:
+    conv = get_convention(convention)
+    if include_rc and not conv.has_resection_cavity:
+        raise ValueError(
+            f"include_rc=True needs a convention with a resection cavity label (e.g. 'brats2024'), got {conv.name!r}"
+        )
+    return conv
+
+
+def region_names(convention: str | LabelConvention = "brats2018", include_rc: bool = False) -> tuple[str, ...]:
+    """Channel names of :func:`label_to_regions`: :data:`REGIONS`, or :data:`REGIONS_RC` with ``include_rc``."""
+    _rc_convention(convention, include_rc)
+    return REGIONS_RC if include_rc else REGIONS
 
 
 def _source_name(label: NdarrayOrTensor, source: str | None) -> str:
@@ -92,13 +146,21 @@ def check_label_values(label: NdarrayOrTensor, convention: str | LabelConvention
         raise LabelConventionError(
             f"{_source_name(label, source)}: label values {{{shown}}} are not part of the {conv.name!r} convention "
             f"(allowed: {list(conv.values)}; found: {[f'{v:g}' for v in found]}). "
-            "Choose the dataset's convention with the config key 'label_convention'."
+            "Choose the dataset's convention with the config key 'label_convention'.",
+            source=_source_name(label, source),
+            convention=conv.name,
+            bad_values=tuple(bad),
         )
 
 
-def label_to_regions(label: NdarrayOrTensor, convention: str | LabelConvention, source: str | None = None) -> torch.Tensor:
-    """Label map ``(1, *spatial)`` or ``(*spatial)`` -> float regions ``(3, *spatial)`` in order TC, WT, ET."""
-    conv = get_convention(convention)
+def label_to_regions(
+    label: NdarrayOrTensor, convention: str | LabelConvention, source: str | None = None, include_rc: bool = False
+) -> torch.Tensor:
+    """Label map ``(1, *spatial)`` or ``(*spatial)`` -> float regions ``(3, *spatial)`` in order TC, WT, ET.
+
+    With ``include_rc`` (conventions with a resection cavity only) a fourth channel RC: ``(4, *spatial)``.
+    """
+    conv = _rc_convention(convention, include_rc)
     check_label_values(label, conv, source)
     lab = torch.as_tensor(label)
     if lab.ndim == 4:
@@ -106,15 +168,22 @@ def label_to_regions(label: NdarrayOrTensor, convention: str | LabelConvention, 
     et = lab == conv.enhancing
     tc = (lab == conv.necrosis) | et
     wt = tc | (lab == conv.edema)
-    out = torch.stack([tc, wt, et]).float()
+    channels = [tc, wt, et] + ([lab == conv.resection_cavity] if include_rc else [])
+    out = torch.stack(channels).float()
     if isinstance(label, MetaTensor):
         out = MetaTensor(out, meta=label.meta, applied_operations=label.applied_operations)
     return out
 
 
-def label_to_classes(label: NdarrayOrTensor, convention: str | LabelConvention, source: str | None = None) -> torch.Tensor:
-    """Label map -> float contiguous classes ``(1, *spatial)`` with values 0..3 (see :data:`CLASSES`)."""
-    conv = get_convention(convention)
+def label_to_classes(
+    label: NdarrayOrTensor, convention: str | LabelConvention, source: str | None = None, include_rc: bool = False
+) -> torch.Tensor:
+    """Label map -> float contiguous classes ``(1, *spatial)`` with values 0..3 (see :data:`CLASSES`).
+
+    With ``include_rc`` (conventions with a resection cavity only) the cavity is class 4 (:data:`CLASSES_RC`);
+    without it, cavity voxels are background.
+    """
+    conv = _rc_convention(convention, include_rc)
     check_label_values(label, conv, source)
     lab = torch.as_tensor(label)
     if lab.ndim == 3:
@@ -123,6 +192,8 @@ def label_to_classes(label: NdarrayOrTensor, convention: str | LabelConvention, 
     out[lab == conv.necrosis] = 1
     out[lab == conv.edema] = 2
     out[lab == conv.enhancing] = 3
+    if include_rc:
+        out[lab == conv.resection_cavity] = 4
     if isinstance(label, MetaTensor):
         out = MetaTensor(out, meta=label.meta, applied_operations=label.applied_operations)
     return out
@@ -132,10 +203,16 @@ def regions_to_label(regions: NdarrayOrTensor, convention: str | LabelConvention
     """Binary regions ``(3, *spatial)`` (TC, WT, ET) -> uint8 label map ``(1, *spatial)``.
 
     Nested overwrite, as in the seed paper: WT voxels become edema, TC voxels necrosis, ET voxels enhancing.
+    Four channels ``(TC, WT, ET, RC)`` (conventions with a resection cavity) write RC first, so that a voxel
+    predicted as both tumor and cavity is tumor.
     """
-    conv = get_convention(convention)
     reg = torch.as_tensor(regions) > 0.5
+    if reg.shape[0] not in (3, 4):
+        raise ValueError(f"expected regions (3 or 4, *spatial), got shape {tuple(reg.shape)}")
+    conv = _rc_convention(convention, reg.shape[0] == 4)
     out = torch.zeros(reg.shape[1:], dtype=torch.uint8, device=reg.device)
+    if reg.shape[0] == 4:
+        out[reg[3]] = conv.resection_cavity  # type: ignore[assignment]
     out[reg[1]] = conv.edema
     out[reg[0]] = conv.necrosis
     out[reg[2]] = conv.enhancing
@@ -143,54 +220,79 @@ def regions_to_label(regions: NdarrayOrTensor, convention: str | LabelConvention
 
 
 def classes_to_label(classes: NdarrayOrTensor, convention: str | LabelConvention) -> torch.Tensor:
-    """Contiguous class indices ``(1, *spatial)`` (0..3) -> uint8 label map ``(1, *spatial)``."""
+    """Contiguous class indices ``(1, *spatial)`` (0..3; 0..4 with a resection cavity) -> uint8 label map
+    ``(1, *spatial)``."""
     conv = get_convention(convention)
     lut = torch.as_tensor(conv.class_to_label)
     cls = torch.as_tensor(classes).long()
     return lut.to(cls.device)[cls]
 
 
-def classes_to_regions(classes: NdarrayOrTensor) -> torch.Tensor:
-    """Contiguous classes ``(1, *spatial)`` or ``(*spatial)`` -> float regions ``(3, *spatial)`` (TC, WT, ET)."""
+def classes_to_regions(classes: NdarrayOrTensor, include_rc: bool = False) -> torch.Tensor:
+    """Contiguous classes ``(1, *spatial)`` or ``(*spatial)`` -> float regions ``(3, *spatial)`` (TC, WT, ET);
+    ``(4, *spatial)`` with the resection cavity (class 4) as RC when ``include_rc``."""
     cls = torch.as_tensor(classes)
     if cls.ndim == 4:
         cls = cls[0]
     et = cls == 3
     tc = (cls == 1) | et
     wt = tc | (cls == 2)
-    return torch.stack([tc, wt, et]).float()
+    return torch.stack([tc, wt, et] + ([cls == 4] if include_rc else [])).float()
 
 
 class LabelToRegionsd(MapTransform):
-    """Dictionary transform: dataset label map -> float regions (TC, WT, ET), validated against ``convention``."""
+    """Dictionary transform: dataset label map -> float regions (TC, WT, ET), validated against ``convention``.
 
-    def __init__(self, keys: KeysCollection, convention: str = "brats2018", allow_missing_keys: bool = False):
+    ``include_rc=True`` (``brats2024``) adds the resection cavity as a fourth channel RC.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        convention: str = "brats2018",
+        allow_missing_keys: bool = False,
+        include_rc: bool = False,
+    ):
         super().__init__(keys, allow_missing_keys)
-        self.convention = get_convention(convention)
+        self.convention = _rc_convention(convention, include_rc)
+        self.include_rc = include_rc
 
     def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = label_to_regions(d[key], self.convention)
+            d[key] = label_to_regions(d[key], self.convention, include_rc=self.include_rc)
         return d
 
 
 class LabelToClassesd(MapTransform):
-    """Dictionary transform: dataset label map -> float contiguous classes 0..3, validated against ``convention``."""
+    """Dictionary transform: dataset label map -> float contiguous classes 0..3, validated against ``convention``.
 
-    def __init__(self, keys: KeysCollection, convention: str = "brats2018", allow_missing_keys: bool = False):
+    ``include_rc=True`` (``brats2024``) makes the resection cavity class 4.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        convention: str = "brats2018",
+        allow_missing_keys: bool = False,
+        include_rc: bool = False,
+    ):
         super().__init__(keys, allow_missing_keys)
-        self.convention = get_convention(convention)
+        self.convention = _rc_convention(convention, include_rc)
+        self.include_rc = include_rc
 
     def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = label_to_classes(d[key], self.convention)
+            d[key] = label_to_classes(d[key], self.convention, include_rc=self.include_rc)
         return d
 
 
 class RegionsToLabel(Transform):
-    """Array transform for outputs: regions ``(3, *spatial)`` -> dataset labels ``(1, *spatial)``, uint8."""
+    """Array transform for outputs: regions ``(3, *spatial)`` -> dataset labels ``(1, *spatial)``, uint8.
+
+    Four channels (TC, WT, ET, RC) write the resection cavity too (conventions that have one).
+    """
 
     def __init__(self, convention: str = "brats2018"):
         self.convention = get_convention(convention)
@@ -203,7 +305,10 @@ class RegionsToLabel(Transform):
 
 
 class ClassesToLabel(Transform):
-    """Array transform for outputs: class indices ``(1, *spatial)`` -> dataset labels ``(1, *spatial)``, uint8."""
+    """Array transform for outputs: class indices ``(1, *spatial)`` -> dataset labels ``(1, *spatial)``, uint8.
+
+    Class 4 is the resection cavity in conventions that have one (``brats2024``).
+    """
 
     def __init__(self, convention: str = "brats2018"):
         self.convention = get_convention(convention)
@@ -218,7 +323,11 @@ class ClassesToLabel(Transform):
 __all__: Sequence[str] = (
     "REGIONS",
     "CLASSES",
+    "REGIONS_RC",
+    "CLASSES_RC",
     "CONVENTIONS",
+    "POST_TREATMENT_CONVENTIONS",
+    "region_names",
     "LabelConvention",
     "LabelConventionError",
     "get_convention",
