@@ -18,6 +18,7 @@ from brats_pipeline.metrics import (
     case_metrics,
     hd95,
     metrics_to_rows,
+    nsd,
     region_metrics,
     summarize,
 )
@@ -265,10 +266,105 @@ def test_summarize_statistics():
     d = s["WT"]["dice"]
     assert d["n"] == 4
     assert d["mean"] == pytest.approx(0.55)
-    assert d["std"] == pytest.approx(math.sqrt(((0.35**2) + (0.15**2) + (0.05**2) + (0.45**2)) / 4))
+    assert d["std"] == pytest.approx(math.sqrt(((0.35**2) + (0.15**2) + (0.05**2) + (0.45**2)) / 3))  # ddof=1
     assert d["median"] == pytest.approx(0.5)
     assert d["25quantile"] == pytest.approx(0.35)
     assert d["75quantile"] == pytest.approx(0.7)
     h = s["ET"]["hd95"]
     assert (h["mean"], h["median"], h["25quantile"], h["75quantile"]) == pytest.approx((15.0, 15.0, 7.5, 22.5))
-    assert summarize(rows, ddof=1)["WT"]["dice"]["std"] == pytest.approx(np.std([0.2, 0.4, 0.6, 1.0], ddof=1))
+    assert summarize(rows, ddof=0)["WT"]["dice"]["std"] == pytest.approx(np.std([0.2, 0.4, 0.6, 1.0], ddof=0))
+
+
+# --- surface-area-weighted HD95 (BraTS 2023+ toolkit), NSD, empty rules --------------------------------------------
+
+
+def _toolkit_case() -> tuple[np.ndarray, np.ndarray]:
+    """BraTS 2023 labels, 40x40x32: a tumor predicted one voxel off, a second tumor missed, one false-positive blob."""
+    shape = (40, 40, 32)
+    ii, jj, kk = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+
+    def ball(c, r):
+        return (ii - c[0]) ** 2 + (jj - c[1]) ** 2 + (kk - c[2]) ** 2 <= r * r
+
+    ref = np.zeros(shape, np.uint8)
+    ref[ball((14, 14, 14), 9)] = 2
+    ref[ball((14, 14, 14), 6)] = 3
+    ref[ball((14, 14, 14), 3)] = 1
+    ref[ball((30, 30, 22), 5)] = 2
+    ref[ball((30, 30, 22), 3)] = 3
+    pred = np.roll(ref, 1, axis=0)
+    pred[ball((30, 30, 22), 6)] = 0
+    pred[ball((32, 8, 6), 4)] = 3
+    return ref, pred
+
+
+@pytest.mark.parametrize(
+    "spacing, expected",  # the BraTS 2023 toolkit's Legacy_HD95 of this case (github.com/rachitsaluja/BraTS-2023-Metrics)
+    [
+        ((1.0, 1.0, 1.0), {"WT": 16.822603841260722, "TC": 18.2208671582886, "ET": 18.027756377319946}),
+        ((1.0, 1.0, 2.0), {"WT": 18.547236990991408, "TC": 20.42057785666214, "ET": 20.049937655763422}),
+    ],
+)
+def test_surface_hd95_reproduces_the_2023_toolkit(spacing, expected):
+    ref, pred = _toolkit_case()
+    m = case_metrics(pred, ref, "brats2023", spacing, hd95_mode="surface", hd95_empty_mm=374.0)
+    for region, value in expected.items():
+        assert m[region]["hd95"] == pytest.approx(value, rel=1e-6)
+    # the voxel-based definitions differ on the same masks, by design
+    assert case_metrics(pred, ref, "brats2023", spacing)["WT"]["hd95"] != pytest.approx(expected["WT"], rel=1e-3)
+
+
+def test_surface_hd95_parallel_planes_and_identity():
+    a, b = _plane(2, 2), _plane(2, 5)
+    assert hd95(a, a, (1.0, 2.0, 3.0), mode="surface") == 0.0
+    # corner-grid surfaces of two one-voxel plates 3 apart lie 2 and 3 voxels apart (plus the rims): P95 is 3 voxels
+    assert hd95(a, b, (1.0, 1.0, 2.5), mode="surface") == pytest.approx(7.5)
+    assert hd95(a, b, mode="surface") == hd95(b, a, mode="surface")
+
+
+def test_nsd_known_cases():
+    a, b = _plane(2, 2), _plane(2, 4)  # every boundary voxel 2 slices from the other plate
+    spacing = (1.0, 1.0, 2.5)
+    assert nsd(a, a, spacing) == 1.0 and nsd(a, a, spacing, mode="max") == 1.0
+    assert nsd(a, b, spacing, tolerance_mm=4.9, mode="max") == 0.0  # 2 x 2.5 mm = 5 mm apart: spacing honoured
+    assert nsd(a, b, spacing, tolerance_mm=5.0, mode="max") == 1.0
+    assert nsd(a, b, (2.5, 1.0, 1.0), tolerance_mm=2.0, mode="max") == 1.0  # the shift is along the 1 mm axis
+    empty = np.zeros(SHAPE, dtype=bool)
+    assert nsd(empty, empty) == 1.0 and nsd(a, empty) == 0.0 and nsd(empty, a) == 0.0
+    assert math.isnan(nsd(empty, empty, empty_rule="exclude"))
+
+
+@pytest.mark.parametrize("mode, subvoxels", [("surface", True), ("max", False), ("pooled", False)])
+def test_nsd_agrees_with_monai(mode, subvoxels):
+    from monai.metrics import compute_surface_dice
+
+    rng = np.random.default_rng(1)
+    spacing = (1.0, 1.5, 2.0)
+    a = ndimage.binary_opening(rng.random(SHAPE) > 0.4)
+    b = ndimage.binary_opening(rng.random(SHAPE) > 0.4)
+    for tol in (0.5, 1.0, 2.0):
+        theirs = compute_surface_dice(
+            torch.as_tensor(a)[None, None].float(),
+            torch.as_tensor(b)[None, None].float(),
+            [tol],
+            include_background=True,
+            spacing=spacing,
+            use_subvoxels=subvoxels,
+        )
+        assert nsd(a, b, spacing, tol, mode=mode) == pytest.approx(float(theirs), rel=1e-5)
+
+
+def test_region_metrics_nsd_and_exclude_rule():
+    empty, cube = np.zeros(SHAPE, dtype=bool), _cube(2, 6)
+    m = region_metrics(_regions(cube, empty, cube), _regions(cube, empty, empty), nsd_tolerance_mm=1.0)
+    assert m["TC"]["nsd"] == 1.0 and m["WT"]["nsd"] == 1.0 and m["ET"]["nsd"] == 0.0
+    x = region_metrics(_regions(cube, empty, cube), _regions(cube, empty, empty), empty_rule="exclude")
+    assert x["TC"]["dice"] == 1.0 and x["TC"]["hd95"] == 0.0
+    for region in ("WT", "ET"):  # empty reference: no score, whatever the prediction
+        assert all(math.isnan(x[region][k]) for k in ("dice", "hd95", "nsd"))
+    missed = region_metrics(_regions(empty, empty, empty), _regions(cube, cube, cube), empty_rule="exclude")["ET"]
+    assert (missed["dice"], missed["hd95"], missed["nsd"]) == (0.0, HD95_EMPTY_MM, 0.0)
+    rows = metrics_to_rows("a", x) + metrics_to_rows("b", m)
+    s = summarize(rows)
+    assert s["WT"]["dice"]["n"] == 1 and s["WT"]["dice"]["mean"] == 1.0 and math.isnan(s["WT"]["dice"]["std"])
+    assert s["TC"]["dice"]["n"] == 2
