@@ -5,6 +5,8 @@
   core red, edema green, enhancing tumor yellow (Myronenko 2018, Fig. 2; ITK-SNAP's default label colors).
 * :func:`training_curves_figure`: loss terms and Dice per region against the logged step, read from the
   TensorBoard event files that MONAI's ``TensorBoardStatsHandler`` writes.
+* :func:`scoring_summary_figure`: the per-case distribution of legacy and lesion-wise Dice and HD95 per region,
+  from the rows of :func:`brats_pipeline.scoring.score_folders` (written next to its tables).
 
 Command line::
 
@@ -323,6 +325,93 @@ def training_curves_figure(
     return _save_png(fig, out_path, dpi)
 
 
+#: (legacy metric, lesion-wise metric, panel title) of :func:`scoring_summary_figure`
+_SCORE_PANELS: tuple[tuple[str, str, str], ...] = (
+    ("dice", "lesion_dice", "Dice"),
+    ("hd95", "lesion_hd95", "HD95 (mm)"),
+)
+
+
+def scoring_summary_figure(
+    rows: Sequence[Mapping[str, Any]],
+    out_path: str | os.PathLike,
+    regions: Sequence[str] | None = None,
+    hd95_penalty_mm: float | None = None,
+    title: str | None = None,
+    panel_inches: float = 4.5,
+    dpi: int = 120,
+) -> Path:
+    """Per-case distribution of legacy and lesion-wise Dice and HD95 per region, written as PNG.
+
+    One panel per metric (Dice, HD95); per region a box of the legacy values and, beside it, a box of the lesion-wise
+    values, with every case drawn as a dot and the mean as a white diamond. The HD95 axis is logarithmic (values from
+    a fraction of a mm to the penalty); the penalty is drawn as a dashed line.
+
+    Args:
+        rows: long rows ``{"case_id", "region", "dice", "hd95", "lesion_dice", "lesion_hd95", ...}``.
+        out_path: PNG file to write.
+        regions: regions to draw, in order; default: those of the rows, in the order they first appear.
+        hd95_penalty_mm: the HD95 penalty of the rules used, drawn as a reference line.
+        title: figure title.
+        panel_inches: width of one panel.
+        dpi: resolution of the PNG.
+
+    Returns:
+        the path of the PNG.
+    """
+    if not rows:
+        raise ValueError("no rows to draw")
+    regions = list(regions) if regions is not None else list(dict.fromkeys(str(r["region"]) for r in rows))
+    colors = {"legacy": "tab:blue", "lesion-wise": "tab:orange"}
+    fig = Figure(figsize=(panel_inches * len(_SCORE_PANELS), panel_inches * 0.85))
+    axes = fig.subplots(1, len(_SCORE_PANELS), squeeze=False)[0]
+    rng = np.random.default_rng(0)  # jitter of the dots: the same figure for the same rows
+    for ax, (legacy, lesion, label) in zip(axes, _SCORE_PANELS, strict=True):
+        for i, region in enumerate(regions):
+            for offset, (kind, metric) in zip(
+                (-0.18, 0.18), (("legacy", legacy), ("lesion-wise", lesion)), strict=True
+            ):
+                values = np.asarray([float(r[metric]) for r in rows if r["region"] == region and metric in r])
+                values = values[np.isfinite(values)]
+                if metric.endswith("hd95"):
+                    values = np.maximum(values, 0.1)  # log axis: 0 mm (perfect) drawn at 0.1 mm
+                if values.size == 0:
+                    continue
+                x = i + offset
+                box = ax.boxplot(values, positions=[x], widths=0.3, patch_artist=True, showfliers=False)
+                box["boxes"][0].set(facecolor=colors[kind], alpha=0.35, edgecolor=colors[kind])
+                box["medians"][0].set(color=colors[kind], linewidth=2)
+                ax.scatter(x + rng.uniform(-0.08, 0.08, values.size), values, s=9, color=colors[kind], zorder=3)
+                ax.scatter([x], [values.mean()], marker="D", s=28, color="white", edgecolor="black", zorder=4)
+        ax.set_xticks(range(len(regions)))
+        ax.set_xticklabels(regions)
+        ax.set_xlim(-0.6, len(regions) - 0.4)
+        ax.set_title(label)
+        ax.grid(True, axis="y", alpha=0.3)
+        if legacy == "dice":
+            ax.set_ylim(-0.03, 1.03)
+        else:
+            ax.set_yscale("log")
+            if hd95_penalty_mm:
+                ax.set_ylim(top=hd95_penalty_mm * 2.5)  # room for the label above the line
+                ax.axhline(hd95_penalty_mm, color="gray", linestyle="--", linewidth=1)
+                ax.text(
+                    len(regions) - 0.45,
+                    hd95_penalty_mm,
+                    f"penalty {hd95_penalty_mm:g} mm",
+                    ha="right",
+                    va="bottom",
+                    fontsize=8,
+                    color="gray",
+                )
+    handles = [Patch(facecolor=c, alpha=0.5, label=k) for k, c in colors.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=2, frameon=False, fontsize=9)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.95 if title else 1))
+    return _save_png(fig, out_path, dpi)
+
+
 def _load_t1c(image: str | os.PathLike, channel: int | None) -> tuple[nib.spatialimages.SpatialImage, np.ndarray]:
     path = Path(image)
     if path.is_dir():
@@ -436,6 +525,7 @@ __all__: Sequence[str] = (
     "SaveOverlayd",
     "overlay_figure",
     "read_scalars",
+    "scoring_summary_figure",
     "training_curves_figure",
 )
 

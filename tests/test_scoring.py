@@ -1,4 +1,5 @@
-"""Scoring command: folders of synthetic prediction / reference NIfTIs, results checked against hand-computed Dice."""
+"""Scoring command: folders of synthetic prediction / reference NIfTIs, results checked against hand-computed Dice,
+lesion counts, missing-prediction rules, convention detection, rule sets and the summary figure."""
 
 from __future__ import annotations
 
@@ -8,18 +9,26 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.image as mpimg
 import nibabel as nib
 import numpy as np
 import pytest
 
+from brats_pipeline.labels import LabelConventionError
 from brats_pipeline.metrics import HD95_EMPTY_MM
 from brats_pipeline.scoring import (
     PER_CASE_COLUMNS,
+    RULE_SETS,
+    ConventionError,
     ScoringError,
+    case_scores,
+    detect_challenge,
+    detect_convention,
     find_references,
     match_predictions,
     score_folders,
 )
+from brats_pipeline.synthetic import generate_dataset
 
 SHAPE = (16, 16, 12)
 SPACING = (1.0, 1.0, 2.0)
@@ -79,47 +88,76 @@ def test_cli_writes_per_case_and_summary(folders, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     log = proc.stdout + proc.stderr
-    assert CASES[2] in log and "without prediction" in log  # the unmatched reference is reported
-    assert "BraTS-GLI-00099-000" in log  # and so is the stray prediction
-    assert "Dice mean" in proc.stdout and "ET" in proc.stdout
+    assert "1 of 3 reference case(s) have NO PREDICTION, scored as worst" in log and CASES[2] in log
+    assert "WARNING: 1 case(s) without prediction (worst)" in proc.stdout  # loud, in the table too
+    assert "BraTS-GLI-00099-000" in log  # the stray prediction is reported
+    header = proc.stdout.splitlines()[0].split()
+    assert header == ["region", "n", "Dice", "HD95", "LesionDice", "LesionHD95", "NSD"]
+    assert proc.stdout.count("\nET ") == 1  # printed once (by score_folders), not twice
 
     rows = _read_csv(out / "metrics_per_case.csv")
     assert tuple(rows[0]) == PER_CASE_COLUMNS
-    assert [(r["case_id"], r["region"]) for r in rows] == [(c, g) for c in CASES[:2] for g in ("ET", "TC", "WT")]
-    for row in rows:
+    assert {"lesion_dice", "lesion_hd95", "lesion_tp", "lesion_fp", "lesion_fn", "nsd"} <= set(rows[0])
+    assert [(r["case_id"], r["region"]) for r in rows] == [(c, g) for c in CASES for g in ("ET", "TC", "WT")]
+    for row in rows[:6]:
         expected = _hand_dice(preds[row["case_id"]], refs[row["case_id"]])[row["region"]]
         assert float(row["dice"]) == pytest.approx(expected)
     by_key = {(r["case_id"], r["region"]): r for r in rows}
     shifted = by_key[(CASES[0], "WT")]
     assert float(shifted["hd95"]) == pytest.approx(2.0)  # shifted by 2 voxels of 1 mm along the first axis
     assert float(shifted["volume_ref_ml"]) == pytest.approx(8 * 8 * 8 * 2.0 / 1000)  # spacing from the header
+    assert (shifted["lesion_tp"], shifted["lesion_fp"], shifted["lesion_fn"]) == ("1", "0", "0")
     no_et = by_key[(CASES[1], "ET")]  # ET empty in both: BraTS rule
-    assert (float(no_et["dice"]), float(no_et["hd95"])) == (1.0, 0.0)
+    assert (float(no_et["dice"]), float(no_et["hd95"]), float(no_et["lesion_dice"])) == (1.0, 0.0, 1.0)
+    for region in ("ET", "TC", "WT"):  # the missing prediction: the worst value of every ranked metric
+        worst = by_key[(CASES[2], region)]
+        assert (float(worst["dice"]), float(worst["hd95"])) == (0.0, 374.0)
+        assert (float(worst["lesion_dice"]), float(worst["lesion_hd95"]), float(worst["nsd"])) == (0.0, 374.0, 0.0)
 
     summary = json.loads((out / "metrics_summary.json").read_text())
-    assert summary["n_cases"] == 2
-    assert summary["missing_predictions"] == [CASES[2]]
+    assert summary["n_cases"] == 3 and summary["n_missing_predictions"] == 1
+    assert summary["missing_predictions"] == [CASES[2]] and summary["missing_predictions_scored_as"] == "worst"
+    assert summary["rules"]["name"] == "brats2023" and summary["hd95_empty_mm"] == 374.0
+    assert (summary["challenge"], summary["lesion_dilation"], summary["lesion_volume_threshold_mm3"]) == ("GLI", 3, 50)
     assert [Path(p).name for p in summary["unused_predictions"]] == ["BraTS-GLI-00099-000.nii.gz"]
     for region in ("ET", "TC", "WT"):
-        hand = [_hand_dice(preds[c], refs[c])[region] for c in CASES[:2]]
+        hand = [_hand_dice(preds[c], refs[c])[region] for c in CASES[:2]] + [0.0]
         assert summary["metrics"][region]["dice"]["mean"] == pytest.approx(np.mean(hand))
+        assert summary["metrics"][region]["dice"]["std"] == pytest.approx(np.std(hand, ddof=1))
         assert summary["metrics"][region]["dice"]["median"] == pytest.approx(np.median(hand))
     stats = _read_csv(out / "metrics_summary.csv")
-    assert {(r["region"], r["metric"]) for r in stats} >= {("ET", "dice"), ("WT", "hd95"), ("TC", "specificity")}
+    assert {(r["region"], r["metric"]) for r in stats} >= {("ET", "dice"), ("WT", "lesion_hd95"), ("TC", "nsd")}
     wt_dice = next(r for r in stats if (r["region"], r["metric"]) == ("WT", "dice"))
     assert float(wt_dice["mean"]) == pytest.approx(summary["metrics"]["WT"]["dice"]["mean"])
-    assert not list(out.glob("*.tmp"))  # atomic writes leave no temp files
+
+    png = mpimg.imread(out / "metrics_summary.png")  # the figure reads back: a sizeable, non-blank image
+    assert png.ndim == 3 and png.shape[0] >= 300 and png.shape[1] >= 600
+    rgb = png[..., :3].reshape(-1, 3)
+    assert (rgb.std(axis=0) > 0.05).all() and (np.abs(rgb - 1.0).max(axis=1) > 0.2).mean() > 0.01
+    assert not list(out.glob(".*.tmp"))  # atomic writes leave no temp files
 
 
-def test_api_missing_prediction_scored_as_empty(folders):
+def test_api_missing_prediction_rules(folders, capsys):
     label_dir, pred_dir, refs, _ = folders
-    rows, summary = score_folders(pred_dir, label_dir, "brats2023", on_missing="empty", progress=False)
+    rows, summary = score_folders(pred_dir, label_dir, "brats2023", on_missing="empty", progress=False, rules="captk")
     assert summary["n_cases"] == 3
     missing = {r["region"]: r for r in rows if r["case_id"] == CASES[2]}
     for region in ("ET", "TC", "WT"):
-        assert missing[region]["dice"] == 0.0 and missing[region]["hd95"] == HD95_EMPTY_MM
+        assert missing[region]["dice"] == 0.0 and missing[region]["hd95"] == HD95_EMPTY_MM  # captk: 373.13
+    for region in ("TC", "WT"):
+        assert missing[region]["lesion_fn"] == 1 and missing[region]["lesion_hd95"] == HD95_EMPTY_MM
+    # the 8-voxel ET (16 mm^3) is under the 50 mm^3 threshold: left out, so an empty prediction loses nothing there
+    assert (missing["ET"]["lesion_fn"], missing["ET"]["lesion_dice"]) == (0, 1.0)
+    # the API default skips (evaluate.json scores one fold against the whole dataset folder), and says so
+    rows, summary = score_folders(pred_dir, label_dir, "brats2023", progress=False, figure=False)
+    assert summary["n_cases"] == 2 and summary["n_missing_predictions"] == 1
+    assert {r["case_id"] for r in rows} == set(CASES[:2])
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0].startswith("region") and "WARNING: 1 case(s) without prediction (skip)" in printed
     with pytest.raises(ScoringError, match=CASES[2]):
         score_folders(pred_dir, label_dir, "brats2023", on_missing="error", progress=False)
+    with pytest.raises(ScoringError, match="--on_missing"):
+        score_folders(pred_dir, label_dir, "brats2023", on_missing="zero", progress=False)
 
 
 def test_shape_mismatch_names_the_file(tmp_path):
@@ -159,5 +197,111 @@ def test_prediction_in_another_convention(folders):
     rows, _ = score_folders(pred_dir, label_dir, "brats2023", pred_convention="brats2018", progress=False)
     et = next(r for r in rows if r["case_id"] == CASES[0] and r["region"] == "ET")
     assert et["dice"] == pytest.approx(_hand_dice(preds[CASES[0]], refs[CASES[0]])["ET"])
-    with pytest.raises(ValueError, match=f"{CASES[0]}.nii.gz"):  # label 4 is not part of brats2023
-        score_folders(pred_dir, label_dir, "brats2023", progress=False)
+    with pytest.raises(ConventionError, match=rf"{CASES[0]}.nii.gz.*\{{4\}}.*--pred_convention") as info:
+        score_folders(pred_dir, label_dir, "brats2023", progress=False)  # label 4 is not part of brats2023
+    assert isinstance(info.value, LabelConventionError) and "config key" not in str(info.value)
+
+
+# --- convention and sub-challenge detection -------------------------------------------------------------------
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "brats_pipeline.scoring", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_detects_the_convention_from_the_label_folder(tmp_path):
+    """A BraTS 2021 release (label 4 = ET) scored without --convention: detected from the folder layout."""
+    label_dir, pred_dir = tmp_path / "BraTS2021", tmp_path / "preds"
+    generate_dataset(label_dir, 2, "brats2021", (24, 24, 20), seed=0)
+    for case in find_references(label_dir):
+        ref = nib.load(str(find_references(label_dir)[case]))
+        _save(pred_dir / f"{case}.nii.gz", np.asanyarray(ref.dataobj), spacing=(1.0, 1.0, 1.0))
+    assert detect_convention(label_dir) == "brats2018"
+    proc = _cli("--pred_dir", str(pred_dir), "--label_dir", str(label_dir), "--output_dir", str(tmp_path / "o"))
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "o" / "metrics_summary.json").read_text())
+    assert summary["convention"] == "brats2018"
+    assert summary["metrics"]["ET"]["dice"]["mean"] == 1.0 and summary["metrics"]["ET"]["lesion_dice"]["mean"] == 1.0
+
+
+def test_convention_detection_from_label_files_alone(folders, tmp_path):
+    label_dir, pred_dir, _, _ = folders
+    assert detect_convention(label_dir) == "brats2023"  # case folders with a label but no images: by case id
+    flat = tmp_path / "flat"
+    _save(flat / "BraTS2021_00001_seg.nii.gz", np.where(_tumor() == 3, 4, _tumor()))
+    assert detect_convention(flat) == "brats2018"
+    msd = tmp_path / "labelsTr"
+    _save(msd / "BRATS_001.nii.gz", _tumor())
+    assert detect_convention(msd) == "msd"
+    unknown = tmp_path / "unknown"
+    _save(unknown / "case1_seg.nii.gz", _tumor())
+    with pytest.raises(ScoringError, match="--convention"):
+        detect_convention(unknown)
+    proc = _cli("--pred_dir", str(pred_dir), "--label_dir", str(unknown), "--output_dir", str(tmp_path / "o"))
+    assert proc.returncode != 0 and "--convention" in proc.stderr and "label_convention" not in proc.stderr
+
+
+def _post_treatment(shift: int = 0) -> np.ndarray:
+    """The 2023-style tumor shifted by ``shift`` and a resection cavity (4) beside it, shrunk by ``shift`` too."""
+    lab = _tumor(shift)
+    cavity = lab[12 + shift : 16, 3:11, 2:10]
+    cavity[cavity == 0] = 4
+    return lab
+
+
+def test_brats2024_post_treatment_detected_and_scored_with_rc(tmp_path):
+    label_dir, pred_dir = tmp_path / "labels", tmp_path / "preds"
+    for i, case in enumerate(CASES[:2]):
+        _save(label_dir / case / f"{case}-seg.nii.gz", _post_treatment() if i else _tumor())
+        _save(pred_dir / f"{case}.nii.gz", _post_treatment(shift=1) if i else _tumor())
+    assert detect_convention(label_dir) == "brats2024"  # the 2023 layout, but a label holds the cavity value 4
+    rows, summary = score_folders(pred_dir, label_dir, progress=False, label_scores=True, figure=False)
+    assert summary["convention"] == "brats2024"
+    assert [r["region"] for r in rows[:6]] == ["ET", "TC", "WT", "RC", "NETC", "SNFH"]
+    by_key = {(r["case_id"], r["region"]): r for r in rows}
+    rc = by_key[(CASES[1], "RC")]
+    assert rc["volume_ref_ml"] == pytest.approx((_post_treatment() == 4).sum() * 2.0 / 1000)
+    assert (rc["lesion_tp"], rc["lesion_fp"], rc["lesion_fn"]) == (1, 0, 0) and 0.0 < rc["dice"] < 1.0
+    assert by_key[(CASES[0], "RC")]["dice"] == 1.0  # no cavity on either side: both empty
+    netc = by_key[(CASES[1], "NETC")]
+    assert netc["volume_ref_ml"] == pytest.approx((_post_treatment() == 1).sum() * 2.0 / 1000)
+    wt = by_key[(CASES[1], "WT")]  # the cavity is not tumor
+    assert wt["volume_ref_ml"] == pytest.approx(np.isin(_post_treatment(), (1, 2, 3)).sum() * 2.0 / 1000)
+    assert set(summary["metrics"]) == {"ET", "TC", "WT", "RC", "NETC", "SNFH"}
+
+
+def test_detect_challenge_and_presets(tmp_path):
+    assert detect_challenge(["BraTS-MET-00001-000", "BraTS-MET-00002-000"]) == "MET"
+    assert detect_challenge(["BraTS2021_00001", "BRATS_001"]) == "GLI"
+    with pytest.raises(ScoringError, match="--challenge"):
+        detect_challenge(["BraTS-MET-00001-000", "BraTS-MEN-00002-000"])
+    ref = np.zeros((20, 20, 20), np.uint8)
+    ref[2:12, 2:12, 2:12] = 2
+    ref[5:9, 5:9, 5:9] = 3  # 64 voxels of ET
+    ref[15:17, 15:17, 15:16] = 3  # 4 voxels of ET: a lesion for MET (threshold 2), not for GLI (50)
+    pred = np.where(ref == 3, 2, ref)
+    pred[5:9, 5:9, 5:9] = 3
+    gli = case_scores(pred, ref, "brats2023", challenge="GLI")["ET"]
+    met = case_scores(pred, ref, "brats2023", challenge="MET")["ET"]
+    assert (gli["lesion_tp"], gli["lesion_fn"], gli["lesion_dice"]) == (1, 0, 1.0)
+    assert (met["lesion_tp"], met["lesion_fn"], met["lesion_dice"]) == (1, 1, 0.5)
+
+
+def test_rule_sets(folders):
+    label_dir, pred_dir, _, _ = folders
+    assert set(RULE_SETS) == {"brats2023", "captk", "monai"}
+    by_rules = {
+        name: {
+            (r["case_id"], r["region"]): r
+            for r in score_folders(pred_dir, label_dir, "brats2023", rules=name, progress=False, print_table=False)[0]
+        }
+        for name in RULE_SETS
+    }
+    no_et = (CASES[1], "ET")  # empty in reference and prediction
+    assert by_rules["brats2023"][no_et]["dice"] == by_rules["captk"][no_et]["dice"] == 1.0
+    assert np.isnan(by_rules["monai"][no_et]["dice"]) and np.isnan(by_rules["monai"][no_et]["lesion_dice"])
+    shifted = (CASES[0], "WT")
+    assert {round(r[shifted]["hd95"], 6) for r in by_rules.values()} == {2.0}  # slabs 2 voxels apart agree
+    with pytest.raises(ScoringError, match="--rules"):
+        score_folders(pred_dir, label_dir, "brats2023", rules="brats2099", progress=False)
