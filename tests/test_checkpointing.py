@@ -1,4 +1,4 @@
-"""Crash-safe checkpoints and exact resume on tiny MONAI engines (trainer + evaluator + the bundle's handlers)."""
+"""Crash-safe checkpoints and exact resume on tiny MONAI engines with the shipped TrainingRun wiring attached."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from brats_pipeline.checkpointing import (
     RNGStates,
     latest_checkpoint,
 )
+from brats_pipeline.training_run import TrainingRun
 
 EPOCHS = 4
 
@@ -35,7 +36,11 @@ class SimulatedCrash(RuntimeError):
 
 
 def build_run(ckpt_dir: Path, resume: bool = False, with_rng: bool = True, saver_cls=AtomicCheckpointSaver) -> dict:
-    """A tiny version of bundles/segresnet_vae/configs/train.json: same handlers, 16^3 random volumes."""
+    """Tiny engines (16^3 random volumes) with the shipped :class:`TrainingRun` guarantees attached.
+
+    ``with_rng=False`` or another ``saver_cls`` build the counterfactual wiring by hand, to show what each piece of
+    the shipped wiring prevents.
+    """
     set_determinism(seed=0)  # what the bundle's `initialize` does, in every (re)started process
     g = torch.Generator().manual_seed(1234)
     data = [
@@ -56,16 +61,12 @@ def build_run(ckpt_dir: Path, resume: bool = False, with_rng: bool = True, saver
     net = torch.nn.Sequential(torch.nn.Conv3d(4, 4, 3, padding=1), torch.nn.Dropout(0.2), torch.nn.Conv3d(4, 3, 1))
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=EPOCHS, power=0.9)
-    best_saver = saver_cls(
-        save_dir=str(ckpt_dir), save_dict={"model": net}, save_key_metric=True, key_metric_filename="model.pt"
-    )
     evaluator = SupervisedEvaluator(
         device="cpu",
         val_data_loader=DataLoader(Dataset(data[:2]), batch_size=1),
         network=net,
         postprocessing=lambda x: x,
         key_val_metric={"val_mean_dice": MeanDice(output_transform=from_engine(["pred", "label"]))},
-        val_handlers=[best_saver],
     )
     trainer = SupervisedTrainer(
         device="cpu",
@@ -76,26 +77,52 @@ def build_run(ckpt_dir: Path, resume: bool = False, with_rng: bool = True, saver
         loss_function=DiceLoss(sigmoid=True),
         decollate=False,
     )
-    save_dict = {"model": net, "optimizer": opt, "lr_scheduler": sched, "trainer": trainer}
-    save_dict["best"] = EvaluatorBestMetric(evaluator, best_saver)
-    if with_rng:
-        save_dict["rng"] = RNGStates(loader)
-    resume_handler = ResumeFromCheckpoint(str(ckpt_dir), save_dict, enabled=resume)
-    handlers = [
-        resume_handler,
-        LrScheduleHandler(sched, print_lr=False),
-        ValidationHandler(validator=evaluator, interval=1, epoch_level=True),
-        saver_cls(
-            save_dir=str(ckpt_dir),
-            save_dict=save_dict,
-            file_prefix="last",
-            save_interval=1,
-            epoch_level=True,
-            n_saved=1,
-        ),
-    ]
-    for h in handlers:
-        h.attach(trainer)
+    if with_rng and saver_cls is AtomicCheckpointSaver:
+        # the shipped wiring: what both bundles' train.json attach through TrainingRun
+        trainer_handlers = [LrScheduleHandler(sched, print_lr=False), ValidationHandler(validator=evaluator, interval=1)]
+        for h in trainer_handlers:
+            h.attach(trainer)
+        training_run = TrainingRun(
+            trainer=trainer,
+            evaluator=evaluator,
+            network=net,
+            optimizer=opt,
+            lr_scheduler=sched,
+            ckpt_dir=ckpt_dir,
+            log_dir=ckpt_dir / "logs",
+            resume=resume,
+            check_labels=False,
+            tensorboard=False,
+            progress=False,
+        )
+        training_run.attach()
+        resume_handler = training_run.resume_from_checkpoint
+    else:
+        # counterfactuals: the same handlers without RNG state, or with MONAI's non-atomic saver
+        best_saver = saver_cls(
+            save_dir=str(ckpt_dir), save_dict={"model": net}, save_key_metric=True, key_metric_filename="model.pt"
+        )
+        best_saver.attach(evaluator)
+        save_dict = {"model": net, "optimizer": opt, "lr_scheduler": sched, "trainer": trainer}
+        save_dict["best"] = EvaluatorBestMetric(evaluator, best_saver)
+        if with_rng:
+            save_dict["rng"] = RNGStates(loader)
+        resume_handler = ResumeFromCheckpoint(str(ckpt_dir), save_dict, enabled=resume)
+        handlers = [
+            resume_handler,
+            LrScheduleHandler(sched, print_lr=False),
+            ValidationHandler(validator=evaluator, interval=1, epoch_level=True),
+            saver_cls(
+                save_dir=str(ckpt_dir),
+                save_dict=save_dict,
+                file_prefix="last",
+                save_interval=1,
+                epoch_level=True,
+                n_saved=1,
+            ),
+        ]
+        for h in handlers:
+            h.attach(trainer)
     log = {"lr": {}, "loss": [], "start_epoch": None}
     trainer.add_event_handler(Events.STARTED, lambda e: log.update(start_epoch=e.state.epoch + 1))
     trainer.add_event_handler(
@@ -139,7 +166,7 @@ def test_file_names_and_latest(uninterrupted):
         uninterrupted["folder"] / f"last_checkpoint_epoch={EPOCHS}.pt"
     )
     ckpt = torch.load(latest_checkpoint(uninterrupted["folder"]), weights_only=True)
-    assert set(ckpt) == {"model", "optimizer", "lr_scheduler", "trainer", "best", "rng"}
+    assert set(ckpt) == {"model", "optimizer", "lr_scheduler", "trainer", "best", "rng", "scaler"}
     assert ckpt["trainer"]["iteration"] == EPOCHS * 2 and ckpt["trainer"]["epoch_length"] == 2
     assert ckpt["best"]["best_metric"] == pytest.approx(uninterrupted["evaluator"].state.best_metric)
     assert set(ckpt["rng"]["transforms"]) == {

@@ -88,8 +88,7 @@ OVERLAYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "loss_weights.json": (("segresnet_vae",), ("train.json",)),
     "espnet_weighted_ce.json": (("espnet3d",), ("train.json",)),
     "early_stopping.json": (BUNDLES, ("train.json",)),
-    "mlflow.json": (("segresnet_vae",), ("train.json",)),
-    "espnet_mlflow.json": (("espnet3d",), ("train.json",)),
+    "mlflow.json": (BUNDLES, ("train.json",)),
 }
 #: overlays whose keys replace the tiny crop (they are about the crop)
 CROP_OVERLAYS = {"crop_paper.json": [160, 192, 128], "crop_small.json": [128, 128, 128]}
@@ -296,11 +295,7 @@ def test_documented_overrides_name_existing_keys():
 #: the MLflow overlays are parsed (and their handler lists compared with the bundle's) by their run test: building an
 #: MLFlowHandler creates its SQLite store, which takes seconds
 PAIRS = [
-    (o, b, base)
-    for o, (bundles, bases) in OVERLAYS.items()
-    for b in bundles
-    for base in bases
-    if o not in ("mlflow.json", "espnet_mlflow.json")
+    (o, b, base) for o, (bundles, bases) in OVERLAYS.items() for b in bundles for base in bases if o != "mlflow.json"
 ]
 
 
@@ -449,6 +444,7 @@ def test_early_stopping(bundle, synthetic_dataset, tmp_path):
         early_stopping_min_delta=1.0,
     )
     handlers = parsed(wf, "validate#handlers")
+    assert handlers[-1] is parsed(wf, "validate#early_stopping")  # added by id, appended to the bundle's own
     assert isinstance(handlers[-1], EarlyStopHandler) and handlers[-1].patience == 1
     base = json.loads(bundle_config(bundle, "train.json").read_text())["validate"]["handlers"]
     assert len(handlers) == len(base) + 1
@@ -458,24 +454,27 @@ def test_early_stopping(bundle, synthetic_dataset, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bundle, overlay", [("segresnet_vae", "mlflow.json"), ("espnet3d", "espnet_mlflow.json")])
-def test_mlflow(bundle, overlay, synthetic_dataset, in_tmp):
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_mlflow(bundle, synthetic_dataset, in_tmp):
     """MLflow instead of TensorBoard: the bundle's TensorBoard handlers are gone (no event file is written), every
     other handler stays, and training loss, learning rate, validation Dice and the run's settings land in one MLflow
     run of the SQLite store under ``eval/mlflow``; nothing is written to the working directory."""
     root = in_tmp / "bundle"
+    overlay = "mlflow.json"
     wf = workflow(bundle, [overlay], root, synthetic_dataset, epochs=2)
     base = workflow(bundle, [], in_tmp / "base", synthetic_dataset)
     for engine_handlers in ("train#handlers", "validate#handlers"):
         with_mlflow = [type(h) for h in parsed(wf, engine_handlers)]
-        without_tb = [type(h) for h in parsed(base, engine_handlers) if not isinstance(h, TensorBoardStatsHandler)]
-        assert with_mlflow == without_tb + [MLFlowHandler], engine_handlers
+        assert with_mlflow == [type(h) for h in parsed(base, engine_handlers)] + [MLFlowHandler], engine_handlers
+    shipped = {e: [type(h) for h in hs] for e, hs in parsed(base, "training_run").handlers().items()}
+    for engine, handlers in parsed(wf, "training_run").handlers().items():  # TensorBoard off, every other guarantee on
+        assert [type(h) for h in handlers] == [t for t in shipped[engine] if t is not TensorBoardStatsHandler]
     run(wf)
 
     assert not list(root.rglob("events.out.tfevents*"))
     assert sorted(p.name for p in in_tmp.iterdir()) == ["base", "bundle"]
     client = mlflow.tracking.MlflowClient(path_to_sqlite_uri(root / "eval" / "mlflow" / "mlruns.db"))
-    experiment = client.get_experiment_by_name(json.loads((OVERLAY_DIR / overlay).read_text())["experiment_name"])
+    experiment = client.get_experiment_by_name(bundle)  # the bundle's metadata name
     (only_run,) = client.search_runs(experiment.experiment_id)
     assert only_run.info.status == "FINISHED"
     params = only_run.data.params

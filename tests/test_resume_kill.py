@@ -1,18 +1,15 @@
-"""SIGKILL a segresnet_vae bundle training run mid-epoch, restart it with ``--resume True``, compare with an
+"""SIGKILL each bundle's shipped ``train.json`` mid-epoch, restart it with ``--resume True``, compare with an
 uninterrupted run.
 
-Runs ``python -m monai.bundle run training`` on ``bundles/segresnet_vae/configs/train.json`` as real subprocesses on
-a synthetic BraTS 2023 dataset (4 cases of 32^3, 2 folds: 2 training and 2 validation cases, 2 iterations per epoch,
-4 epochs, killed in epoch 3, width 8, 16^3 crops). The reliability wiring (resume, atomic checkpoints, RNG and
-best-metric state, NaN guard, label check) is applied as an overlay by :func:`reliability_overlay`, so the test does
-not depend on it being wired into ``train.json`` yet; applied to a ``train.json`` that already has it, the overlay
-changes nothing.
+Runs ``python -m monai.bundle run training --config_file bundles/<name>/configs/train.json`` as real subprocesses,
+unmodified except for size overrides on the command line, on a synthetic BraTS 2023 dataset (4 cases of 32^3,
+2 folds: 2 training and 2 validation cases, batch 1, so 2 iterations per epoch; 4 epochs, killed in epoch 3).
+Deleting the resume wiring, the RNG/best-metric state, the atomic saver or the label check from the shipped
+wiring (``brats_pipeline.training_run.TrainingRun``, named by both ``train.json``) makes this test fail.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import os
 import re
 import signal
@@ -27,103 +24,24 @@ import torch
 from brats_pipeline.synthetic import generate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-BUNDLE_CONFIG = REPO / "bundles" / "segresnet_vae" / "configs" / "train.json"
 EPOCHS = 4
 ITERS_PER_EPOCH = 2
 KILL_EPOCH = 3
-
-ATOMIC_SAVER = "brats_pipeline.checkpointing.AtomicCheckpointSaver"
-NAN_GUARD = "brats_pipeline.training_guards.NonFiniteLossGuard"
-#: New keys of the reliability wiring of train.json; reliability_overlay adds the edits of existing entries.
-RELIABILITY_KEYS: dict = {
-    "resume": False,
-    "check_labels": True,
-    "train#resume_from_checkpoint": {
-        "_target_": "brats_pipeline.checkpointing.ResumeFromCheckpoint",
-        "ckpt_dir": "@ckpt_dir",
-        "load_dict": "@train#checkpoint_dict",
-        "enabled": "@resume",
-    },
-    "label_check": {
-        "_target_": "brats_pipeline.training_guards.check_label_files",
-        "_mode_": "callable",
-        "items": "$@train_files + @val_files",
-        "convention": "@label_convention",
-    },
-    "run": [
-        "$@label_check() if @check_labels else None",
-        "$@train#resume_from_checkpoint.attach(@train#trainer)",
-        "$@train#last_checkpoint.attach(@train#trainer)",
-        "$@train#trainer.run()",
-    ],
+#: per bundle: size overrides only (3D-ESPNet's PSP pooling needs crops of at least 24^3 at batch 1)
+SIZE_OVERRIDES = {
+    "segresnet_vae": ["--network_width", "8", "--roi_size", "[16,16,16]"],
+    "espnet3d": ["--network_width", "8", "--roi_size", "[24,24,24]"],
 }
-#: What the trainer checkpoint holds besides model, optimizer, lr_scheduler and trainer.
-EXTRA_STATE: dict = {
-    "rng": {"_target_": "brats_pipeline.checkpointing.RNGStates", "source": "@train#dataloader"},
-    "best": {
-        "_target_": "brats_pipeline.checkpointing.EvaluatorBestMetric",
-        "evaluator": "@validate#evaluator",
-        "saver": "@validate#best_checkpoint",
-    },
-    "scaler": {"_target_": "brats_pipeline.checkpointing.GradScalerState", "trainer": "@train#trainer"},
-}
-
-
-def reliability_overlay(base: dict) -> dict:
-    """The reliability wiring as an overlay of ``base`` (train.json), following its current savers:
-
-    * :data:`RELIABILITY_KEYS`;
-    * ``train#checkpoint_dict`` = the ``save_dict`` of ``train#last_checkpoint`` + :data:`EXTRA_STATE`, and
-      ``train#last_checkpoint`` itself as an ``AtomicCheckpointSaver`` saving ``@train#checkpoint_dict``;
-    * ``validate#best_checkpoint`` = the evaluator's ``CheckpointSaver`` entry as an ``AtomicCheckpointSaver``,
-      referenced from ``validate#handlers`` in its place;
-    * the NaN/Inf guard first in ``train#handlers``.
-
-    Parts that ``base`` already has are left as they are.
-    """
-
-    def is_saver(h) -> bool:
-        return isinstance(h, dict) and str(h.get("_target_", "")).endswith("CheckpointSaver")
-
-    overlay = copy.deepcopy(RELIABILITY_KEYS)
-    train, validate = base["train"], base["validate"]
-    if "checkpoint_dict" not in train:
-        overlay["train#checkpoint_dict"] = {**train["last_checkpoint"]["save_dict"], **EXTRA_STATE}
-        overlay["train#last_checkpoint"] = {
-            **train["last_checkpoint"],
-            "_target_": ATOMIC_SAVER,
-            "save_dict": "@train#checkpoint_dict",
-        }
-    if "best_checkpoint" not in validate:
-        (entry,) = [h for h in validate["handlers"] if is_saver(h)]
-        overlay["validate#best_checkpoint"] = {**entry, "_target_": ATOMIC_SAVER}
-        overlay["validate#handlers"] = ["@validate#best_checkpoint" if h is entry else h for h in validate["handlers"]]
-    if not any(isinstance(h, dict) and h.get("_target_") == NAN_GUARD for h in train["handlers"]):
-        overlay["train#handlers"] = [{"_target_": NAN_GUARD}] + train["handlers"]
-    return overlay
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> dict:
-    tmp = tmp_path_factory.mktemp("resume_kill")
-    generate_dataset(tmp / "data", num_cases=4, layout="brats2023", shape=(32, 32, 32))
-    tiny = {
-        "dataset_dir": str(tmp / "data"),
-        "num_folds": 2,
-        "network_width": 8,  # init_filters; GroupNorm(8 groups) needs a multiple of 8
-        "roi_size": [16, 16, 16],  # crops for training; validation runs on the whole 32^3 volumes
-        "epochs": EPOCHS,
-        "num_workers": 0,
-        "cache_rate": 1.0,
-        "val_interval": 1,
-    }
-    overlays = {"reliability.json": reliability_overlay(json.loads(BUNDLE_CONFIG.read_text())), "tiny.json": tiny}
-    for name, content in overlays.items():
-        (tmp / name).write_text(json.dumps(content, indent=1))
-    return {"tmp": tmp, "config_files": [str(BUNDLE_CONFIG), str(tmp / "reliability.json"), str(tmp / "tiny.json")]}
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("resume_kill_data")
+    generate_dataset(root, num_cases=4, layout="brats2023", shape=(32, 32, 32))
+    return root
 
 
-def command(bundle: dict, root: Path, *extra: str) -> list[str]:
+def command(bundle: str, dataset: Path, root: Path, *extra: str) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -131,9 +49,22 @@ def command(bundle: dict, root: Path, *extra: str) -> list[str]:
         "run",
         "training",
         "--config_file",
-        str(bundle["config_files"]),
+        str(REPO / "bundles" / bundle / "configs" / "train.json"),
         "--bundle_root",
         str(root),
+        "--dataset_dir",
+        str(dataset),
+        "--num_folds",
+        "2",
+        "--epochs",
+        str(EPOCHS),
+        "--batch_size",
+        "1",
+        "--num_workers",
+        "0",
+        "--cache_rate",
+        "1.0",
+        *SIZE_OVERRIDES[bundle],
         *extra,
     ]
 
@@ -157,18 +88,19 @@ def loss_lines(log: str) -> list[tuple[int, int, str]]:
     ]
 
 
-def test_sigkill_mid_epoch_then_resume(bundle):
-    tmp = bundle["tmp"]
-    ref_root, run_root = tmp / "reference", tmp / "killed"
+@pytest.mark.slow
+@pytest.mark.parametrize("bundle", ["segresnet_vae", "espnet3d"])
+def test_sigkill_mid_epoch_then_resume(bundle, dataset, tmp_path):
+    ref_root, run_root = tmp_path / "reference", tmp_path / "killed"
     ref_root.mkdir()
     run_root.mkdir()
     ref_log_file = open(ref_root / "log.txt", "w")
-    reference = start(command(bundle, ref_root), ref_root, stdout=ref_log_file)  # uninterrupted, in parallel
+    reference = start(command(bundle, dataset, ref_root), ref_root, stdout=ref_log_file)  # uninterrupted, in parallel
 
-    first = start(command(bundle, run_root), run_root)
+    first = start(command(bundle, dataset, run_root), run_root)
     kill_marker = f"Epoch: {KILL_EPOCH}/{EPOCHS}, Iter: 1/{ITERS_PER_EPOCH}"
     seen: list[str] = []
-    deadline = time.monotonic() + 150
+    deadline = time.monotonic() + 240
     for line in first.stdout:
         seen.append(line)
         if kill_marker in line:  # epoch 2 saved; epoch 3 running, its last iteration, validation and save to come
@@ -181,20 +113,21 @@ def test_sigkill_mid_epoch_then_resume(bundle):
     assert first.returncode == -signal.SIGKILL, first_log[-3000:]
     saved = sorted(p.name for p in (run_root / "models").iterdir())
     assert saved == [f"last_checkpoint_epoch={KILL_EPOCH - 1}.pt", "model.pt"], saved
-    best_before_kill = torch.load(run_root / "models" / saved[0], weights_only=True)["best"]
-    assert 1 <= best_before_kill["best_metric_epoch"] < KILL_EPOCH
+    before_kill = torch.load(run_root / "models" / saved[0], weights_only=True)
+    assert set(before_kill) == {"model", "optimizer", "lr_scheduler", "trainer", "rng", "best", "scaler"}
+    assert 1 <= before_kill["best"]["best_metric_epoch"] < KILL_EPOCH
 
     resumed = subprocess.run(
-        command(bundle, run_root, "--resume", "True"),
+        command(bundle, dataset, run_root, "--resume", "True"),
         cwd=run_root,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=400,
         env=ENV,
     )
     resumed_log = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, resumed_log[-5000:]
-    reference.wait(timeout=300)
+    reference.wait(timeout=400)
     ref_log_file.close()
     ref_out = (ref_root / "log.txt").read_text()
     assert reference.returncode == 0, ref_out[-5000:]
@@ -204,6 +137,7 @@ def test_sigkill_mid_epoch_then_resume(bundle):
     resumed_losses = loss_lines(resumed_log)
     assert resumed_losses[0][:2] == (KILL_EPOCH, 1) and resumed_losses[-1][:2] == (EPOCHS, ITERS_PER_EPOCH)
     assert "checked 4 label files against the brats2023 convention" in resumed_log  # check_labels ran first
+    assert f"training finished after epoch {EPOCHS}" in resumed_log  # end-of-run summary
 
     # LR after resuming equals the uninterrupted run's (one line per completed epoch, full float repr)
     ref_lr = lr_lines(ref_out)
@@ -217,10 +151,11 @@ def test_sigkill_mid_epoch_then_resume(bundle):
     run_ckpt = torch.load(run_root / "models" / last, weights_only=True)
     assert run_ckpt["trainer"]["iteration"] == EPOCHS * ITERS_PER_EPOCH
     assert run_ckpt["best"] == ref_ckpt["best"]  # best metric, its epoch and model.pt's record carried over
-    assert run_ckpt["best"]["best_metric"] >= best_before_kill["best_metric"]
+    assert run_ckpt["best"]["best_metric"] >= before_kill["best"]["best_metric"]
     for k, v in ref_ckpt["model"].items():
         assert torch.equal(run_ckpt["model"][k], v), k
     ref_best = torch.load(ref_root / "models" / "model.pt", weights_only=True)
     run_best = torch.load(run_root / "models" / "model.pt", weights_only=True)
+    assert ref_best.keys() == run_best.keys()
     assert all(torch.equal(run_best[k], v) for k, v in ref_best.items())
     assert sorted(p.name for p in (run_root / "models").iterdir()) == [last, "model.pt"]
