@@ -1,4 +1,5 @@
-"""Inference for both bundles: whole-volume or sliding-window prediction, mirror-flip TTA and checkpoint ensembles.
+"""Inference for both bundles: whole-volume or sliding-window prediction, mirror-flip TTA, multi-scale test-time
+averaging and checkpoint ensembles.
 
 :class:`BratsInferer` is a :class:`monai.inferers.Inferer`, so a bundle config plugs it into a
 ``SupervisedEvaluator`` as ``inferer``. It returns *probabilities*: the activation (sigmoid for the
@@ -6,7 +7,9 @@ segresnet_vae bundle's three nested regions TC/WT/ET, softmax for the espnet3d b
 applied to every forward pass, and the probabilities are averaged over all ensemble members and all mirror
 flips, as in Myronenko 2018, Sec. 4 and Table 2 ("averaged the output of the resulting 8 flipped
 segmentation probability maps"; "ensembled a set of 10 models"). The post-processing chain therefore must
-not apply the activation again.
+not apply the activation again. With ``test_scales`` the input is also resized to each scale, the network's
+*logits* are resized back and averaged before the activation, as the 3D-ESPNet reference code's test script does
+(``test_resolutions = [None, (144, 144, 144)]``: native and 144^3, outputs summed and divided, then argmax).
 
 Cropping to the brain is *not* done here: the bundles crop with MONAI's invertible ``CropForegroundd`` in
 the pre-processing and paste the prediction back with ``Invertd`` in the post-processing.
@@ -35,6 +38,10 @@ logger = logging.getLogger(__name__)
 
 ACTIVATIONS: tuple[str, ...] = ("sigmoid", "softmax", "none")
 MODES: tuple[str, ...] = ("whole", "sliding_window")
+#: interpolation of the input to a test scale (``"area"`` is adaptive average pooling, the 3D-ESPNet reference's)
+SCALE_MODES: tuple[str, ...] = ("trilinear", "area", "nearest")
+#: spellings of "the input as it is" in ``test_scales``
+NATIVE_SCALE_NAMES: tuple[str, ...] = ("native", "none", "original")
 #: keys under which training scripts commonly nest the weights in a checkpoint file
 CHECKPOINT_STATE_KEYS: tuple[str, ...] = ("model", "network", "state_dict")
 
@@ -81,6 +88,60 @@ def _as_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return found
 
 
+def normalize_test_scales(
+    test_scales: Sequence[Any] | int | str | None,
+) -> list[tuple[int, ...] | int | None]:
+    """``test_scales`` as a list of ``None`` (native: the input as it is), an ``int`` (a cube of that side, any
+    number of spatial dims) or a tuple of sizes (one per spatial dim).
+
+    Accepts ``None`` or ``[]`` (native only: ``[None]``), a single int, and lists whose entries are ``None``,
+    ``"native"`` (also ``"none"``, ``"original"``; handy on the command line, where python-fire drops ``None``), an
+    int, or a list of ints. Repeated entries are kept: each one is a term of the average.
+
+    Raises:
+        ValueError: for sizes < 1 or entries of another kind.
+    """
+    if test_scales is None:
+        return [None]
+    if isinstance(test_scales, (int, str)) and not isinstance(test_scales, bool):
+        test_scales = [test_scales]
+    out: list[tuple[int, ...] | int | None] = []
+    for entry in test_scales:
+        if entry is None or (isinstance(entry, str) and entry.strip().lower() in NATIVE_SCALE_NAMES):
+            out.append(None)
+        elif isinstance(entry, int) and not isinstance(entry, bool):
+            if entry < 1:
+                raise ValueError(f"test_scales: a size must be >= 1, got {entry}")
+            out.append(int(entry))
+        elif isinstance(entry, Sequence) and not isinstance(entry, str) and entry:
+            sizes = tuple(entry)
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sizes):
+                raise ValueError(f"test_scales: a size must be a list of ints >= 1, got {list(entry)}")
+            out.append(sizes)
+        else:
+            raise ValueError(
+                f"test_scales entries are null/'native', an int or a list of ints, got {entry!r} in {test_scales!r}"
+            )
+    return out or [None]
+
+
+def resize_spatial(
+    x: torch.Tensor, size: Sequence[int], mode: str = "trilinear", align_corners: bool = True
+) -> torch.Tensor:
+    """Resize ``x`` ``(B, C, *spatial)`` to ``size`` with ``F.interpolate`` (``x`` itself when already that size).
+
+    ``mode``: ``"trilinear"`` (``"bilinear"``/``"linear"`` for 2-/1-D inputs are picked automatically), ``"area"``
+    (adaptive average pooling) or ``"nearest"``. ``align_corners`` applies to the linear modes only.
+    """
+    size = tuple(int(s) for s in size)
+    if tuple(x.shape[2:]) == size:
+        return x
+    if mode == "trilinear":
+        linear = {1: "linear", 2: "bilinear", 3: "trilinear"}[x.ndim - 2]
+        return F.interpolate(x, size=size, mode=linear, align_corners=align_corners)
+    return F.interpolate(x, size=size, mode=mode)
+
+
 class BratsInferer(Inferer):
     """Whole-volume or sliding-window inference with mirror-flip TTA and a checkpoint ensemble.
 
@@ -89,7 +150,10 @@ class BratsInferer(Inferer):
         mean over members m and flip sets S of  flip_S( activation( m( flip_S(inputs) ) ) )
 
     where ``S`` runs over all ``2 ** len(tta_flip_axes)`` subsets of ``tta_flip_axes`` (8 for three axes,
-    the identity included) when ``tta`` is on, and is only the identity otherwise. The sum is accumulated in
+    the identity included) when ``tta`` is on, and is only the identity otherwise. With ``test_scales`` the logits
+    of one member and flip are themselves an average over the scales ``s``::
+
+        m(x) := mean over s of  resize_back( m( resize_s(x) ) )        (logits, before the activation) The sum is accumulated in
     place, so memory does not grow with the number of flips or members. The caller provides ``no_grad``/
     ``inference_mode`` and ``eval()`` (``SupervisedEvaluator`` does both); ensemble members follow the
     given network's train/eval mode and device.
@@ -124,10 +188,22 @@ class BratsInferer(Inferer):
             wrapper shares the member's weights, so checkpoints load into the plain network as before). The
             first call pays the compilation, and every new input shape may recompile.
         compile_kwargs: passed to ``torch.compile`` (e.g. ``{"dynamic": true}`` for cases of varying size).
+        test_scales: multi-scale test-time averaging, for any network. ``None`` (default) or ``[null]``: the
+            input as it is. Otherwise a list whose entries are ``null``/``"native"`` (the input as it is), an int
+            (a cube, e.g. ``144``) or a list of sizes per spatial axis (``[144, 144, 144]``): the (padded, flipped)
+            input is resized to each size (``scale_mode``), run through the network (whole volume or sliding
+            window, as ``mode`` says), its logits are resized back to the input's size (trilinear) and the logits
+            of all scales are averaged before the activation. The 3D-ESPNet reference's test script uses
+            ``[null, 144]``. Each scale is one more forward pass per member and flip.
+        scale_mode: how the input is resized to a test scale: ``"trilinear"`` (default), ``"area"`` (adaptive
+            average pooling, what the reference code's ``inp_res`` does) or ``"nearest"``.
+        scale_align_corners: ``align_corners`` of the trilinear resizing, both ways (default ``True``, as the
+            reference's ``F.upsample`` of PyTorch 0.3 did; it maps the corner voxels onto each other, so a
+            function linear in space survives a round trip exactly).
 
     Raises:
-        ValueError: for an unknown ``activation``/``mode``, a sliding window without ``roi_size``, repeated
-            flip axes, ``divisible_k < 1``, or an ensemble with no member.
+        ValueError: for an unknown ``activation``/``mode``/``scale_mode``, a sliding window without ``roi_size``,
+            repeated flip axes, ``divisible_k < 1``, an ensemble with no member, or malformed ``test_scales``.
     """
 
     def __init__(
@@ -154,10 +230,18 @@ class BratsInferer(Inferer):
         amp_dtype: str | torch.dtype | None = None,
         compile: bool = False,
         compile_kwargs: Mapping[str, Any] | None = None,
+        test_scales: Sequence[Any] | int | str | None = None,
+        scale_mode: str = "trilinear",
+        scale_align_corners: bool = True,
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if scale_mode not in SCALE_MODES:
+            raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
+        self.test_scales = normalize_test_scales(test_scales)
+        self.scale_mode = scale_mode
+        self.scale_align_corners = bool(scale_align_corners)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         axes = tuple(int(a) for a in tta_flip_axes)
@@ -257,6 +341,41 @@ class BratsInferer(Inferer):
         dtype = self.amp_dtype or (torch.float16 if device.type == "cuda" else torch.bfloat16)
         return torch.autocast(device_type=device.type, dtype=dtype)
 
+    def scale_sizes(self, spatial_shape: Sequence[int]) -> list[tuple[int, ...] | None]:
+        """The input size of each test scale for an input of ``spatial_shape`` (``None``: the input as it is)."""
+        n = len(spatial_shape)
+        sizes: list[tuple[int, ...] | None] = []
+        for scale in self.test_scales:
+            if scale is None:
+                sizes.append(None)
+                continue
+            size = (scale,) * n if isinstance(scale, int) else tuple(scale)
+            if len(size) != n:
+                raise ValueError(f"test scale {list(size)} does not fit {n} spatial dims")
+            sizes.append(None if size == tuple(spatial_shape) else size)
+        return sizes
+
+    def _multiscale_logits(
+        self, x: torch.Tensor, forward: Callable[..., torch.Tensor], *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """Logits of ``forward`` on ``x``, averaged over :attr:`test_scales` (float32 unless the only scale is native)."""
+        sizes = self.scale_sizes(x.shape[2:])
+        total: torch.Tensor | None = None
+        for size in sizes:
+            xin = x if size is None else resize_spatial(x, size, self.scale_mode, self.scale_align_corners)
+            with self._autocast(x.device):
+                logits = self.inferer(xin, forward, *args, **kwargs)
+            if isinstance(logits, MetaTensor):
+                logits = logits.as_tensor()
+            if sizes == [None]:
+                return logits
+            logits = logits.float()
+            if size is not None:
+                logits = resize_spatial(logits, x.shape[2:], "trilinear", self.scale_align_corners)
+            total = logits if total is None else total.add_(logits)
+        assert total is not None
+        return total.div_(len(sizes))
+
     def _activate(self, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         if self.activation == "sigmoid":
@@ -304,10 +423,7 @@ class BratsInferer(Inferer):
             for flip in self.flip_sets:
                 dims = [a + 2 for a in flip]
                 xin = torch.flip(x, dims) if dims else x
-                with self._autocast(x.device):
-                    logits = self.inferer(xin, forward, *args, **kwargs)
-                if isinstance(logits, MetaTensor):
-                    logits = logits.as_tensor()
+                logits = self._multiscale_logits(xin, forward, *args, **kwargs)
                 prob = self._activate(logits)
                 if dims:
                     prob = torch.flip(prob, dims)
@@ -346,4 +462,13 @@ def _same_weights(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) 
     return all(a[k].shape == b[k].shape and torch.equal(a[k].to(b[k].device, b[k].dtype), b[k]) for k in a)
 
 
-__all__ = ["BratsInferer", "segmentation_output", "load_state_dict_file", "ACTIVATIONS", "MODES"]
+__all__ = [
+    "BratsInferer",
+    "segmentation_output",
+    "load_state_dict_file",
+    "normalize_test_scales",
+    "resize_spatial",
+    "ACTIVATIONS",
+    "MODES",
+    "SCALE_MODES",
+]

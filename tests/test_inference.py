@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from monai.data import DataLoader, Dataset, MetaTensor
 from monai.engines import SupervisedEvaluator
 from monai.transforms import (
@@ -363,3 +364,120 @@ def test_compile_lever_reuses_one_compiled_wrapper_with_the_same_weights(image):
     with torch.no_grad():
         net.weight.mul_(2.0)  # the wrapper shares the weights: a checkpoint loaded into net reaches it
     torch.testing.assert_close(inferer(image, net), BratsInferer(tta=True)(image, net), atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------- test_scales
+
+
+def affine_ramp(shape=(1, 4, 20, 18, 14), seed: int = 2) -> torch.Tensor:
+    """Per channel an affine function of the normalised voxel coordinates: trilinear resizing with
+    ``align_corners=True`` reproduces it exactly at any size."""
+    g = torch.Generator().manual_seed(seed)
+    coords = torch.meshgrid(*[torch.linspace(0.0, 1.0, n) for n in shape[2:]], indexing="ij")
+    a = torch.randn(shape[1], 4, generator=g)
+    out = torch.stack([a[c, 0] + a[c, 1] * coords[0] + a[c, 2] * coords[1] + a[c, 3] * coords[2] for c in range(shape[1])])
+    return out.unsqueeze(0)
+
+
+def test_test_scales_scale_equivariant_network_equals_plain():
+    """A pointwise linear network on an affine ramp is scale-equivariant (resize, forward, resize back gives the
+    native logits), so averaging any scales changes nothing; the network sees each scale's size."""
+    x = affine_ramp()
+    net = conv_net()
+    with torch.no_grad():
+        plain = BratsInferer()(x, net)
+        net.calls, net.shapes = 0, []
+        multi = BratsInferer(test_scales=[None, 24, [16, 20, 12], "native"])(x, net)
+    torch.testing.assert_close(multi, plain, atol=1e-5, rtol=1e-5)
+    assert net.calls == 4
+    assert [s[2:] for s in net.shapes] == [(20, 18, 14), (24, 24, 24), (16, 20, 12), (20, 18, 14)]
+
+
+def test_test_scales_average_logits_of_two_scales_equals_manual():
+    """Native + 24^3 on a non-equivariant network: the output is the activation of the mean of the native logits
+    and the 24^3 logits resized back (trilinear, align_corners), for sigmoid and softmax alike; with TTA each flip
+    averages its own two scales."""
+    x = torch.randn(1, 4, 20, 18, 14, generator=torch.Generator().manual_seed(5))
+    net = conv_net(kernel=3, seed=4)
+    with torch.no_grad():
+        native = net(x)
+        up = F.interpolate(net(F.interpolate(x, size=(24, 24, 24), mode="trilinear", align_corners=True)),
+                           size=(20, 18, 14), mode="trilinear", align_corners=True)
+        mean_logits = (native + up) / 2
+        for activation, act in (("sigmoid", torch.sigmoid), ("softmax", lambda t: torch.softmax(t, 1))):
+            out = BratsInferer(activation=activation, test_scales=[None, [24, 24, 24]])(x, net)
+            torch.testing.assert_close(out, act(mean_logits), atol=1e-6, rtol=1e-5)
+            assert (out - BratsInferer(activation=activation)(x, net)).abs().max() > 1e-3
+            # logits are averaged, not probabilities
+            assert (out - (act(native) + act(up)) / 2).abs().max() > 1e-4
+        tta = BratsInferer(tta=True, tta_flip_axes=(1,), test_scales=[None, 24])(x, net)
+        flipped = torch.flip(x, [3])
+        f_native = net(flipped)
+        f_up = F.interpolate(net(F.interpolate(flipped, size=(24, 24, 24), mode="trilinear", align_corners=True)),
+                             size=(20, 18, 14), mode="trilinear", align_corners=True)
+        manual = (torch.sigmoid(mean_logits) + torch.flip(torch.sigmoid((f_native + f_up) / 2), [3])) / 2
+    torch.testing.assert_close(tta, manual, atol=1e-6, rtol=1e-5)
+
+
+def test_test_scales_area_mode_is_adaptive_average_pooling_and_sliding_window():
+    """``scale_mode="area"`` resizes the input as the 3D-ESPNet reference does (``adaptive_avg_pool3d``); the scales
+    work in sliding-window mode and for ensembles (forwards = members x flips x scales)."""
+    x = torch.randn(1, 4, 20, 18, 14, generator=torch.Generator().manual_seed(6))
+    net = conv_net(kernel=3, seed=7)
+    with torch.no_grad():
+        out = BratsInferer(activation="none", test_scales=[[8, 8, 8]], scale_mode="area")(x, net)
+        pooled = net(F.adaptive_avg_pool3d(x, (8, 8, 8)))
+        manual = F.interpolate(pooled, size=(20, 18, 14), mode="trilinear", align_corners=True)
+        torch.testing.assert_close(out, manual, atol=1e-6, rtol=1e-5)
+        pointwise = conv_net()
+        whole = BratsInferer(test_scales=[None, 16])(x, pointwise)
+        pointwise.calls = 0
+        windows = BratsInferer(mode="sliding_window", roi_size=(8, 8, 8), overlap=0.0, test_scales=[None, 16])(
+            x, pointwise
+        )
+    torch.testing.assert_close(windows, whole, atol=1e-5, rtol=1e-5)
+    assert pointwise.calls > 2  # several windows per scale
+
+
+def test_test_scales_forward_count_with_ensemble_and_tta(image, tmp_path):
+    net = conv_net()
+    path = tmp_path / "member.pt"
+    torch.save(conv_net(seed=9).state_dict(), path)
+    inferer = BratsInferer(tta=True, tta_flip_axes=(0,), ensemble_checkpoints=[path], test_scales=["native", 16, 24])
+    calls = [0]
+    net.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1))
+    with torch.no_grad():
+        out = inferer(MetaTensor(image), net)
+    assert calls[0] == 2 * 2 * 3  # members x flips x scales (the member copy keeps the hook)
+    assert isinstance(out, MetaTensor) and out.shape == (1, 3, 20, 18, 14)
+
+
+@pytest.mark.parametrize(
+    "scales, expected",
+    [
+        (None, [None]),
+        ([], [None]),
+        ("native", [None]),
+        (144, [144]),
+        ([None, 144], [None, 144]),
+        (["native", [144, 144, 144]], [None, (144, 144, 144)]),
+        ([None, [96, 128, 144], "Original"], [None, (96, 128, 144), None]),
+    ],
+)
+def test_normalize_test_scales(scales, expected):
+    from brats_pipeline.inference import normalize_test_scales
+
+    assert normalize_test_scales(scales) == expected
+
+
+@pytest.mark.parametrize("scales", [[0], [[144, 0, 144]], ["big"], [1.5], [[]], [True]])
+def test_bad_test_scales_raise(scales):
+    with pytest.raises(ValueError, match="test_scales"):
+        BratsInferer(test_scales=scales)
+
+
+def test_scale_of_wrong_rank_and_bad_mode_raise(image):
+    with pytest.raises(ValueError, match="spatial dims"):
+        BratsInferer(test_scales=[[16, 16]])(image, conv_net())
+    with pytest.raises(ValueError, match="scale_mode"):
+        BratsInferer(scale_mode="cubic")

@@ -157,3 +157,27 @@ def test_training_decreases_total_loss():
     assert history[-1]["total"] < history[0]["total"]
     assert history[-1]["dice"] < history[0]["dice"]
     assert history[-1]["l2"] < history[0]["l2"]
+
+
+def test_literal_eq2_gives_no_signal_on_a_region_absent_from_the_crop():
+    """``smooth_nr=0`` (the paper's Eq. 2, the bundle's default): a channel whose region is absent (no ET in the
+    crop) has loss exactly 1 and gradient exactly 0 whatever the prediction, so false-positive ET there costs
+    nothing; ``smooth_nr = smooth_dr`` (MONAI's default) scores a confidently empty prediction as about 0 and does
+    push the logits down, with a gradient that vanishes as soon as the prediction is far from empty."""
+    label = torch.zeros(1, 3, 8, 8, 8)
+    label[:, :2, 2:6, 2:6, 2:6] = 1  # TC and WT present, ET absent
+    for bias in (-10.0, 0.0, 10.0):  # confidently empty, undecided, confidently full (false positives)
+        seg = (torch.randn(1, 3, 8, 8, 8, generator=torch.Generator().manual_seed(0)) + bias).requires_grad_()
+        loss = SegResNetVAELoss().dice(seg, label).flatten(1)
+        assert float(loss[0, 2].detach()) == 1.0
+        loss[0, 2].backward()
+        assert float(seg.grad.abs().max()) == 0.0
+    monai_default = SegResNetVAELoss(smooth_nr=EPS, smooth_dr=EPS)
+    empty = (torch.randn(1, 3, 8, 8, 8, generator=torch.Generator().manual_seed(0)) - 10.0).requires_grad_()
+    per_channel = monai_default.dice(empty, label).flatten(1)
+    assert float(per_channel[0, 2].detach()) < 0.6  # sum p^2 ~ 1e-7 * 512 is comparable to 1e-5
+    per_channel[0, 2].backward()
+    assert float(empty.grad[:, 2].abs().max()) > 1e-3
+    assert float(empty.grad[:, 2].min()) >= 0  # d loss / d logit >= 0: lowering the logits lowers the loss
+    full = torch.full((1, 3, 8, 8, 8), 10.0)
+    assert float(monai_default.dice(full, label).flatten(1)[0, 2]) > 0.999999

@@ -31,6 +31,15 @@ class SegResNetVAELoss(nn.Module):
       ``DiceLoss(sigmoid=True, squared_pred=True)`` with a per-channel reduction. The paper's epsilon is in the
       denominator only, hence ``smooth_nr=0`` by default; ``smooth_nr=smooth_dr`` gives MONAI's default, which
       scores an empty region predicted empty as a loss of 0 instead of 1.
+
+      What the literal Eq. 2 (``smooth_nr=0``) does to a channel whose region is absent from the crop (ET in a
+      crop, or a whole case, without enhancing tumor; common in lower-grade gliomas): the numerator
+      ``2 sum(p g)`` is 0 whatever ``p``, so that channel's loss is exactly 1 and its gradient exactly 0. False
+      positives there cost nothing in the Dice term; they are only discouraged through the other channels and
+      crops. With ``smooth_nr = smooth_dr = s`` the channel's loss is ``1 - s / (sum p^2 + s)``: 0 for an
+      empty prediction, but it is already close to 1 once ``sum p^2`` is a few times ``s``, so with ``s = 1e-5``
+      the gradient is negligible unless the prediction is nearly empty; a larger ``s`` (e.g. 1) gives a usable
+      gradient. ``tests/test_vae_loss.py`` checks these numbers.
     - ``L_L2`` (Eq. 3, ``||I_input - I_pred||_2^2``): ``l2_reduction="mean"`` (default) is the mean squared
       error over channels and voxels, as in MONAI's and most public re-implementations; it keeps the 0.1 weight
       on the scale of the Dice term whatever the crop size. ``"sum"`` is the literal squared norm (per batch
