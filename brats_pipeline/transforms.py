@@ -50,4 +50,61 @@ class ReorderChannelsd(MapTransform):
         return img[list(order)]
 
 
-__all__ = ["ReorderChannelsd"]
+
+
+class RestoreFieldOfViewd(MapTransform):
+    """Undo the most recent ``CropForegroundd`` of each key: zero-pad ``(C, *cropped)`` back to ``(C, *orig_size)``.
+
+    The persistent cache (:mod:`brats_pipeline.data_cache`) stores every case cropped to its brain box, a third of the
+    bytes of the full field of view. A recipe that samples its random crops from the whole volume (Myronenko:
+    160x192x128 crops of the 240x240x155 volume) restores the field of view after the cache, so its crops are the
+    same as without the cache: everything outside the brain box is zero by the crop's definition (``x > 0`` on the
+    image; a label outside the brain does not occur in skull-stripped BraTS data).
+
+    Unlike ``CropForegroundd.inverse``, which requires the very transform object that cropped (the cached item was
+    cropped in an earlier run), this reads the crop's record in the MetaTensor's ``applied_operations`` (the
+    ``cropped`` margins and the ``k_divisible`` padding) and removes it, so later ``Invertd`` steps stay consistent.
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self._restore(d[key], key)
+        return d
+
+    @staticmethod
+    def _restore(img: NdarrayOrTensor, key: Hashable) -> MetaTensor:
+        ops = getattr(img, "applied_operations", None)
+        if not ops or ops[-1].get("class") != "CropForeground":
+            raise ValueError(f"RestoreFieldOfViewd: the last operation applied to '{key}' is not a CropForeground crop")
+        op = ops[-1]
+        info = op.get("extra_info", {})
+        cropped = [int(c) for c in info["cropped"]]
+        padded = info.get("pad_info", {}).get("extra_info", {}).get("padded", ())
+        tensor = img.as_tensor()
+        # strip the k_divisible padding (channel axis first in ``padded``)
+        spatial_pads = [tuple(int(v) for v in p) for p in list(padded)[1:]] if padded else []
+        index = [slice(None)]
+        for axis, (lo, hi) in enumerate(spatial_pads):
+            index.append(slice(lo, tensor.shape[axis + 1] - hi))
+        tensor = tensor[tuple(index)]
+        orig_size = [int(s) for s in op["orig_size"]]
+        out = torch.zeros((tensor.shape[0], *orig_size), dtype=tensor.dtype)
+        place = [slice(None)] + [
+            slice(cropped[2 * i], orig_size[i] - cropped[2 * i + 1]) for i in range(len(orig_size))
+        ]
+        out[tuple(place)] = tensor
+        # voxel 0 of the cropped image is voxel (cropped_lo - pad_lo) of the original one
+        shift = torch.eye(len(orig_size) + 1, dtype=torch.float64)
+        for i in range(len(orig_size)):
+            pad_lo = spatial_pads[i][0] if spatial_pads else 0
+            shift[i, -1] = -(cropped[2 * i] - pad_lo)
+        restored = MetaTensor(out, meta=dict(img.meta), applied_operations=list(ops[:-1]))
+        restored.affine = torch.as_tensor(img.affine, dtype=torch.float64) @ shift
+        return restored
+
+
+__all__ = ["ReorderChannelsd", "RestoreFieldOfViewd"]

@@ -366,7 +366,7 @@ def test_brats2023_labels(renamed_dataset, synthetic_dataset, tmp_path):
             bundle, ["brats2023_labels.json"], tmp_path / bundle, synthetic_dataset, datalist_file=str(datalist_file)
         )
         assert parsed(wf, "label_convention") == "brats2023"
-        label_transform = parsed(wf, "load_transforms")[-1]
+        label_transform = parsed(wf, "label_transform")
         assert get_convention(label_transform.convention).name == "brats2023"
 
 

@@ -3,7 +3,8 @@ uninterrupted run.
 
 Runs ``python -m monai.bundle run training --config_file bundles/<name>/configs/train.json`` as real subprocesses,
 unmodified except for size overrides on the command line, on a synthetic BraTS 2023 dataset (4 cases of 32^3,
-2 folds: 2 training and 2 validation cases, batch 1, so 2 iterations per epoch; 4 epochs, killed in epoch 3).
+2 folds: 2 training and 2 validation cases, batch 1, so 2 iterations per epoch; 4 epochs, killed in epoch 3), with
+the default persistent data cache: the resumed run reads the entries the killed run wrote.
 Deleting the resume wiring, the RNG/best-metric state, the atomic saver or the label check from the shipped
 wiring (``brats_pipeline.training_run.TrainingRun``, named by both ``train.json``) makes this test fail.
 """
@@ -62,8 +63,6 @@ def command(bundle: str, dataset: Path, root: Path, *extra: str) -> list[str]:
         "1",
         "--num_workers",
         "0",
-        "--cache_rate",
-        "1.0",
         *SIZE_OVERRIDES[bundle],
         *extra,
     ]
@@ -159,3 +158,6 @@ def test_sigkill_mid_epoch_then_resume(bundle, dataset, tmp_path):
     assert ref_best.keys() == run_best.keys()
     assert all(torch.equal(run_best[k], v) for k, v in ref_best.items())
     assert sorted(p.name for p in (run_root / "models").iterdir()) == [last, "model.pt"]
+    cached = sorted(p.name for p in (run_root / "cache").iterdir())
+    assert len(cached) == 4 and all(n.endswith(".pt") for n in cached), cached  # one entry per case, no temp file
+    assert cached == sorted(p.name for p in (ref_root / "cache").iterdir())
