@@ -11,7 +11,7 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
-from brats_pipeline.data_cache import PersistentCaseDataset, case_dataset, cache_size
+from brats_pipeline.data_cache import PersistentCaseDataset, cache_size, case_dataset
 from brats_pipeline.datalist import find_cases
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +54,9 @@ def test_shipped_training_reads_the_same_items_with_and_without_the_cache(bundle
     for part in ("train", "validate"):
         ds_cached = cached.parser.get_parsed_content(f"{part}#dataset")
         ds_plain = plain.parser.get_parsed_content(f"{part}#dataset")
-        assert isinstance(ds_cached.data, PersistentCaseDataset) and not isinstance(ds_plain.data, PersistentCaseDataset)
+        assert isinstance(ds_cached.data, PersistentCaseDataset) and not isinstance(
+            ds_plain.data, PersistentCaseDataset
+        )
         for first_read in (True, False):  # the epoch that fills the cache and one that reads it
             for a, b in zip(items(ds_cached), items(ds_plain), strict=True):
                 assert a["image"].shape == b["image"].shape, (part, first_read)
@@ -68,6 +70,8 @@ def test_shipped_training_reads_the_same_items_with_and_without_the_cache(bundle
         entry = torch.load(f, weights_only=False)
         assert entry["label"].dtype == torch.uint8  # stored compact
         assert entry["image"].numel() * 4 < full  # cropped to the brain box
+        stored = entry["image"].numel() * 4 + entry["label"].numel()
+        assert f.stat().st_size < stored + 200_000  # the box's own bytes, not the whole volume's storage behind it
 
 
 def nib_shape(dataset: Path) -> tuple[int, ...]:
@@ -134,3 +138,22 @@ def test_case_dataset_choices(synthetic_dataset, tmp_path):
     assert case_dataset(data, _head(), [], persistent_cache=False).data == data
     with pytest.raises(ValueError, match="cache_dir"):
         case_dataset(data, _head(), [])
+
+
+def test_entries_hold_the_brain_box_only(tmp_path):
+    """A crop is a view of the whole volume; the entry must not carry the whole volume's storage."""
+    import nibabel as nib
+
+    volume = np.zeros((48, 48, 48), np.float32)
+    volume[10:18, 12:20, 14:22] = 1.0 + np.random.default_rng(0).random((8, 8, 8), dtype=np.float32)
+    paths = []
+    for name in ("a.nii.gz", "b.nii.gz"):
+        nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / name)
+        paths.append(str(tmp_path / name))
+    from monai.transforms import CropForegroundd, EnsureChannelFirstd, LoadImaged
+
+    head = [LoadImaged("image", image_only=True), EnsureChannelFirstd("image"), CropForegroundd("image", "image")]
+    item = PersistentCaseDataset([{"image": paths}], head, tmp_path / "cache")[0]
+    assert tuple(item["image"].shape) == (2, 8, 8, 8)
+    (entry,) = (tmp_path / "cache").glob("*.pt")
+    assert entry.stat().st_size < 2 * 8**3 * 4 + 100_000  # 4 KB of voxels, not 2 x 48^3 x 4 = 884 KB
