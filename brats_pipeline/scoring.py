@@ -489,6 +489,7 @@ def score_folders(
     label_scores: bool = False,
     figure: bool = True,
     print_table: bool = True,
+    case_ids: Sequence[str] | None = None,
 ) -> tuple[list[dict[str, float | str]], dict]:
     """Score every reference case in ``label_dir`` against its prediction in ``pred_dir``.
 
@@ -510,6 +511,8 @@ def score_folders(
         label_scores: add rows for the single labels NETC and SNFH.
         figure: write ``metrics_summary.png`` next to the tables.
         print_table: print the summary table to stdout at the end.
+        case_ids: score only these reference cases (``evaluate.json``: its validation fold); every one must have a
+            reference in ``label_dir``.
 
     Returns:
         ``(rows, summary)``: long rows (``case_id``, ``region``, metrics) and the content of
@@ -525,6 +528,11 @@ def score_folders(
     refs = find_references(label_dir)
     if not refs:
         raise ScoringError(f"no reference label files found in {label_dir}")
+    if case_ids is not None:
+        unknown = sorted(set(case_ids) - set(refs))
+        if unknown:
+            raise ScoringError(f"no reference label in {label_dir} for case(s): {', '.join(unknown)}")
+        refs = {k: v for k, v in refs.items() if k in set(case_ids)}
     if convention is None:
         convention = detect_convention(label_dir, refs)
         logger.info("label convention of %s: %s (detected; --convention overrides)", label_dir, convention)

@@ -305,3 +305,23 @@ def test_rule_sets(folders):
     assert {round(r[shifted]["hd95"], 6) for r in by_rules.values()} == {2.0}  # slabs 2 voxels apart agree
     with pytest.raises(ScoringError, match="--rules"):
         score_folders(pred_dir, label_dir, "brats2023", rules="brats2099", progress=False)
+
+
+def test_case_ids_limit_the_scored_references(folders):
+    """``evaluate.json`` scores its fold only: other references are not reported missing; a listed case without a
+    prediction is scored as the challenge does; an unknown id is an error."""
+    label_dir, pred_dir, _, _ = folders
+    rows, summary = score_folders(
+        pred_dir,
+        label_dir,
+        "brats2023",
+        case_ids=[CASES[0], CASES[2]],
+        on_missing="worst",
+        progress=False,
+        figure=False,
+    )
+    assert {r["case_id"] for r in rows} == {CASES[0], CASES[2]} and summary["n_cases"] == 2
+    assert summary["missing_predictions"] == [CASES[2]]
+    assert all(r["dice"] == 0.0 for r in rows if r["case_id"] == CASES[2])
+    with pytest.raises(ScoringError, match="BraTS-GLI-00777-000"):
+        score_folders(pred_dir, label_dir, "brats2023", case_ids=["BraTS-GLI-00777-000"], progress=False)
