@@ -79,6 +79,7 @@ TINY_INFERENCE = {
 #: test uses
 OVERLAYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "brats2023_labels.json": (BUNDLES, ("train.json", "inference.json")),
+    "brats2024_labels.json": (BUNDLES, ("train.json", "inference.json")),
     "msd_task01.json": (BUNDLES, ("train.json",)),
     "tta.json": (BUNDLES, ("inference.json",)),
     "ensemble.json": (BUNDLES, ("inference.json",)),
