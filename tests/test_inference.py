@@ -375,7 +375,9 @@ def affine_ramp(shape=(1, 4, 20, 18, 14), seed: int = 2) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     coords = torch.meshgrid(*[torch.linspace(0.0, 1.0, n) for n in shape[2:]], indexing="ij")
     a = torch.randn(shape[1], 4, generator=g)
-    out = torch.stack([a[c, 0] + a[c, 1] * coords[0] + a[c, 2] * coords[1] + a[c, 3] * coords[2] for c in range(shape[1])])
+    out = torch.stack(
+        [a[c, 0] + a[c, 1] * coords[0] + a[c, 2] * coords[1] + a[c, 3] * coords[2] for c in range(shape[1])]
+    )
     return out.unsqueeze(0)
 
 
@@ -401,8 +403,12 @@ def test_test_scales_average_logits_of_two_scales_equals_manual():
     net = conv_net(kernel=3, seed=4)
     with torch.no_grad():
         native = net(x)
-        up = F.interpolate(net(F.interpolate(x, size=(24, 24, 24), mode="trilinear", align_corners=True)),
-                           size=(20, 18, 14), mode="trilinear", align_corners=True)
+        up = F.interpolate(
+            net(F.interpolate(x, size=(24, 24, 24), mode="trilinear", align_corners=True)),
+            size=(20, 18, 14),
+            mode="trilinear",
+            align_corners=True,
+        )
         mean_logits = (native + up) / 2
         for activation, act in (("sigmoid", torch.sigmoid), ("softmax", lambda t: torch.softmax(t, 1))):
             out = BratsInferer(activation=activation, test_scales=[None, [24, 24, 24]])(x, net)
@@ -413,8 +419,12 @@ def test_test_scales_average_logits_of_two_scales_equals_manual():
         tta = BratsInferer(tta=True, tta_flip_axes=(1,), test_scales=[None, 24])(x, net)
         flipped = torch.flip(x, [3])
         f_native = net(flipped)
-        f_up = F.interpolate(net(F.interpolate(flipped, size=(24, 24, 24), mode="trilinear", align_corners=True)),
-                             size=(20, 18, 14), mode="trilinear", align_corners=True)
+        f_up = F.interpolate(
+            net(F.interpolate(flipped, size=(24, 24, 24), mode="trilinear", align_corners=True)),
+            size=(20, 18, 14),
+            mode="trilinear",
+            align_corners=True,
+        )
         manual = (torch.sigmoid(mean_logits) + torch.flip(torch.sigmoid((f_native + f_up) / 2), [3])) / 2
     torch.testing.assert_close(tta, manual, atol=1e-6, rtol=1e-5)
 
