@@ -64,6 +64,7 @@ BRATS2023_VALUES = set(get_convention("brats2023").values)
 #: the arguments of the plain SegResNet the bundle ships (inference.json's network_def), at the test width
 SEGRESNET_ARGS = {k: v for k, v in json.loads(INFERENCE.read_text())["network_def"].items() if not k.startswith("_")}
 SEGRESNET_ARGS["init_filters"] = WIDTH
+SEGRESNET_ARGS["out_channels"] = 3  # "$3 + int(@include_rc)" in the file: the three BraTS regions
 
 
 # ------------------------------------------------------------------------------------------------- helpers

@@ -1,0 +1,154 @@
+"""Where an inference case's time goes, per stage, through each bundle's shipped ``inference.json``.
+
+Times every transform of ``preprocessing`` and ``postprocessing`` and the network's forward passes on full-size
+synthetic cases (random weights at the paper width; loading in the main process, ``num_workers`` 0, so the stages
+add up), and groups them as
+
+* ``read``: ``LoadImaged`` (four gzip NIfTI files);
+* ``pre``: the other pre-processing (channel order, orientation, brain crop, normalisation);
+* ``network``: the forward passes;
+* ``post``: ``Invertd``, thresholding / argmax, label conversion;
+* ``write``: ``SaveLabelMapd`` (the label map, gzip);
+* ``other``: the rest of the wall time (collation, engine).
+
+``--compare KEY=JSON`` adds a second configuration of the same bundle, run in the same process alternately with
+the first (``--compare "reader=null"`` gives MONAI's sequential ``NibabelReader``)::
+
+    python benchmarks/inference_split.py --cases 3 --repeats 2 --compare 'load_reader=null'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+WIDTH = {"segresnet_vae": 32, "espnet3d": 32}
+STAGE_OF = {"LoadImaged": "read", "SaveLabelMapd": "write", "SaveOverlayd": "write"}
+
+
+def build(bundle: str, root: Path, dataset: Path, overrides: dict[str, Any]):
+    from monai.bundle import ConfigWorkflow
+
+    config = REPO / "bundles" / bundle / "configs" / "inference.json"
+    (root / "models").mkdir(parents=True, exist_ok=True)
+    values = {"network_width": WIDTH[bundle], "num_workers": 0, "overwrite": True, "progress": False, **overrides}
+    wf = ConfigWorkflow(
+        config_file=str(config),
+        meta_file=str(config.parent / "metadata.json"),
+        logging_file=False,
+        workflow_type="inference",
+        bundle_root=str(root),
+        dataset_dir=str(dataset),
+        **values,
+    )
+    wf.initialize()
+    torch.save(wf.parser.get_parsed_content("network").state_dict(), root / "models" / "model.pt")
+    return wf
+
+
+def instrument(wf, times: dict[str, float]) -> None:
+    """Make each transform and the network add their seconds to ``times[stage]``.
+
+    Each transform gets a subclass of its own class with a timed ``__call__`` (the objects stay the same, so
+    ``Invertd``'s identity and type checks still pass).
+    """
+
+    def timed_class(cls: type, stage: str) -> type:
+        def __call__(self, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return cls.__call__(self, *args, **kwargs)
+            finally:
+                times[stage] += time.perf_counter() - start
+
+        return type(cls.__name__, (cls,), {"__call__": __call__})
+
+    for part, default in (("preprocessing", "pre"), ("postprocessing", "post")):
+        for t in wf.parser.get_parsed_content(part).transforms:
+            t.__class__ = timed_class(type(t), STAGE_OF.get(type(t).__name__, default))
+    network = wf.parser.get_parsed_content("network")
+    forward = network.forward
+
+    def timed_forward(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            times["network"] += time.perf_counter() - start
+
+    network.forward = timed_forward
+
+
+def run_once(wf) -> dict[str, float]:
+    times: dict[str, float] = defaultdict(float)
+    if not getattr(wf, "_instrumented", None):
+        wf._times = times
+        instrument(wf, wf._times)
+        wf._instrumented = True
+    wf._times.clear()
+    evaluator = wf.parser.get_parsed_content("evaluator")
+    start = time.perf_counter()
+    evaluator.run()
+    wall = time.perf_counter() - start
+    out = dict(wf._times)
+    out["other"] = wall - sum(out.values())
+    out["wall"] = wall
+    out["outside_network"] = wall - out.get("network", 0.0)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundles", nargs="+", default=list(WIDTH))
+    parser.add_argument("--cases", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compare", action="append", default=[], help="KEY=JSON override of a second configuration")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    configs = {"shipped": {}}
+    if args.compare:
+        configs["compared"] = {k: json.loads(v) for k, v in (c.split("=", 1) for c in args.compare)}
+
+    from brats_pipeline.synthetic import generate_dataset
+
+    results: dict[tuple[str, str], list[dict[str, float]]] = defaultdict(list)
+    with tempfile.TemporaryDirectory(prefix="inference_split_") as tmp:
+        work = Path(tmp)
+        generate_dataset(
+            work / "data", args.cases, layout="brats2023", shape=(240, 240, 155), seed=0, with_labels=False
+        )
+        for bundle in args.bundles:
+            workflows = {name: build(bundle, work / bundle / name, work / "data", o) for name, o in configs.items()}
+            for wf in workflows.values():  # warm-up
+                run_once(wf)
+            for _ in range(args.repeats):  # alternate the configurations
+                for name, wf in workflows.items():
+                    results[(bundle, name)].append(run_once(wf))
+
+    stages = ("read", "pre", "network", "post", "write", "other", "outside_network", "wall")
+    print(
+        f"\nSeconds per case ({args.cases} full-size cases, median of {args.repeats} alternating runs, "
+        f"{args.threads} threads)\n"
+    )
+    print("| bundle | config | " + " | ".join(stages) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in stages) + " |")
+    for (bundle, name), runs in results.items():
+        med = {s: statistics.median(r.get(s, 0.0) for r in runs) / args.cases for s in stages}
+        label = name if name == "shipped" else f"compared ({', '.join(args.compare)})"
+        print(f"| {bundle} | {label} | " + " | ".join(f"{med[s]:.2f}" for s in stages) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
