@@ -11,10 +11,11 @@ add up), and groups them as
 * ``write``: ``SaveLabelMapd`` (the label map, gzip);
 * ``other``: the rest of the wall time (collation, engine).
 
-``--compare KEY=JSON`` adds a second configuration of the same bundle, run in the same process alternately with
-the first (``--compare "reader=null"`` gives MONAI's sequential ``NibabelReader``)::
+``--compare KEY=JSON`` adds a second configuration of the same bundle (the shipped file with that override), and
+``--baseline-ref REF`` the bundle's ``inference.json`` as it was at git ``REF``; all run in the same process,
+alternately::
 
-    python benchmarks/inference_split.py --cases 3 --repeats 2 --compare 'load_reader=null'
+    python benchmarks/inference_split.py --cases 3 --repeats 2 --baseline-ref b734885   # vs the 0.2.0 configs
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,15 +38,15 @@ WIDTH = {"segresnet_vae": 32, "espnet3d": 32}
 STAGE_OF = {"LoadImaged": "read", "SaveLabelMapd": "write", "SaveOverlayd": "write"}
 
 
-def build(bundle: str, root: Path, dataset: Path, overrides: dict[str, Any]):
+def build(bundle: str, root: Path, dataset: Path, overrides: dict[str, Any], config: Path | None = None):
     from monai.bundle import ConfigWorkflow
 
-    config = REPO / "bundles" / bundle / "configs" / "inference.json"
+    config = config or REPO / "bundles" / bundle / "configs" / "inference.json"
     (root / "models").mkdir(parents=True, exist_ok=True)
     values = {"network_width": WIDTH[bundle], "num_workers": 0, "overwrite": True, "progress": False, **overrides}
     wf = ConfigWorkflow(
         config_file=str(config),
-        meta_file=str(config.parent / "metadata.json"),
+        meta_file=str(REPO / "bundles" / bundle / "configs" / "metadata.json"),
         logging_file=False,
         workflow_type="inference",
         bundle_root=str(root),
@@ -114,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compare", action="append", default=[], help="KEY=JSON override of a second configuration")
+    parser.add_argument(
+        "--baseline-ref", default=None, help="git ref whose inference.json runs as a second configuration"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     configs = {"shipped": {}}
@@ -130,6 +135,22 @@ def main(argv: list[str] | None = None) -> int:
         )
         for bundle in args.bundles:
             workflows = {name: build(bundle, work / bundle / name, work / "data", o) for name, o in configs.items()}
+            if args.baseline_ref:
+                old = work / bundle / "baseline_config" / "inference.json"
+                old.parent.mkdir(parents=True)
+                old.write_text(
+                    subprocess.run(
+                        ["git", "show", f"{args.baseline_ref}:bundles/{bundle}/configs/inference.json"],
+                        cwd=REPO,
+                        check=True,
+                        capture_output=True,
+                        text=True,
+                    ).stdout
+                )
+                width_key = {"segresnet_vae": "network_def#init_filters", "espnet3d": "network_width"}[bundle]
+                workflows[f"baseline {args.baseline_ref}"] = build(
+                    bundle, work / bundle / "baseline", work / "data", {width_key: WIDTH[bundle]}, config=old
+                )
             for wf in workflows.values():  # warm-up
                 run_once(wf)
             for _ in range(args.repeats):  # alternate the configurations
@@ -145,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| --- | --- | " + " | ".join("---" for _ in stages) + " |")
     for (bundle, name), runs in results.items():
         med = {s: statistics.median(r.get(s, 0.0) for r in runs) / args.cases for s in stages}
-        label = name if name == "shipped" else f"compared ({', '.join(args.compare)})"
+        label = f"compared ({', '.join(args.compare)})" if name == "compared" else name
         print(f"| {bundle} | {label} | " + " | ".join(f"{med[s]:.2f}" for s in stages) + " |")
     return 0
 
