@@ -3,26 +3,25 @@
 * :func:`overlay_figure`: axial, sagittal and coronal T1c slices through the tumor's center with the
   predicted labels (and the reference labels in a second row) in the BraTS colors: necrosis / non-enhancing
   core red, edema green, enhancing tumor yellow (Myronenko 2018, Fig. 2; ITK-SNAP's default label colors).
-* :func:`training_curves_figure`: loss terms and Dice per region against the logged step, read from the
+* :func:`training_curves_figure`: loss terms per iteration and Dice per region per epoch, read from the
   TensorBoard event files that MONAI's ``TensorBoardStatsHandler`` writes.
 * :func:`scoring_summary_figure`: the per-case distribution of legacy and lesion-wise Dice and HD95 per region,
   from the rows of :func:`brats_pipeline.scoring.score_folders` (written next to its tables).
 
-Command line::
+Command line (examples with their output in ``docs/tools.md``)::
 
     python -m brats_pipeline.figures curves LOG_DIR OUT.png [--smoothing 0.6]
     python -m brats_pipeline.figures overlay IMAGE PRED OUT.png [--ref REF] [--convention brats2023]
 
 ``IMAGE`` is the T1c NIfTI, a BraTS case folder (its T1c file is found by name) or a 4-D NIfTI (``--channel``,
 default the T1c channel of MSD's order). Drawing uses matplotlib's Agg canvas directly: importing this module does
-not change the pyplot backend. PNGs are written atomically (temp file + ``os.replace``).
+not change the pyplot backend. PNGs are written atomically (:func:`brats_pipeline.atomic_files.atomic_write`).
 """
 
 from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,15 +32,16 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 from monai.config import KeysCollection, NdarrayOrTensor
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation
 from scipy import ndimage
 
-from brats_pipeline.atomic_files import publish
+from brats_pipeline.atomic_files import atomic_write
 from brats_pipeline.labels import LabelConvention, label_to_classes
-from brats_pipeline.layouts import LAYOUTS, MSD_CHANNELS
+from brats_pipeline.layouts import LAYOUTS, MSD_CHANNELS, case_id_from_path
 
 #: BraTS overlay colors (RGB) of the contiguous classes of :data:`brats_pipeline.labels.CLASSES`
 BRATS_PALETTE: dict[str, tuple[float, float, float]] = {
@@ -61,16 +61,9 @@ EVENT_FILE_GLOB = "events.out.tfevents.*"
 
 def _save_png(fig: Figure, out_path: str | os.PathLike, dpi: int) -> Path:
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_write(out, "wb") as f:
         FigureCanvasAgg(fig)
-        fig.savefig(tmp, format="png", dpi=dpi, facecolor=fig.get_facecolor())
-        publish(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        fig.savefig(f, format="png", dpi=dpi, facecolor=fig.get_facecolor())
     return out
 
 
@@ -92,6 +85,9 @@ def _slices(vol: np.ndarray, center: Sequence[int], spacing: Sequence[float]) ->
 
 #: edge letters of each view: (top, bottom, left, right)
 _EDGE_LETTERS = {"axial": "APRL", "sagittal": "SIAP", "coronal": "SIRL"}
+#: where they go, in axes fraction: (x, y, ha, va) for top, bottom, left, right
+_EDGE_POSITIONS = ((0.5, 0.99, "center", "top"), (0.5, 0.01, "center", "bottom"),
+                   (0.01, 0.5, "left", "center"), (0.99, 0.5, "right", "center"))  # fmt: skip
 
 
 def _rgba(classes: np.ndarray, alpha: float) -> np.ndarray:
@@ -182,8 +178,24 @@ def overlay_figure(
     hi = hi if hi > lo else lo + 1.0
     img_views = _slices(img, center, ras_spacing)
 
-    fig = Figure(figsize=(panel_inches * len(VIEWS), panel_inches * len(labels) + 0.9), facecolor="black")
-    axes = fig.subplots(len(labels), len(VIEWS), squeeze=False)
+    # Fixed inch margins instead of tight_layout: with aspect-locked images tight_layout can choose a negative row
+    # spacing, and two rows' panels (and their edge letters) then overlap. Rows are as tall as the tallest panel.
+    rows, cols = len(labels), len(VIEWS)
+    tallest = max(g.shape[0] * aspect / g.shape[1] for g, aspect in img_views.values())
+    row_inches = panel_inches * float(np.clip(tallest, 0.5, 2.0))
+    col_gap, row_gap, left, right, bottom, top = 0.25, 0.12, 0.35, 0.1, 0.45, 0.35 + (0.4 if title else 0.0)
+    width = left + cols * panel_inches + (cols - 1) * col_gap + right
+    height = bottom + rows * row_inches + (rows - 1) * row_gap + top
+    fig = Figure(figsize=(width, height), facecolor="black")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    fig.subplots_adjust(
+        left=left / width,
+        right=1 - right / width,
+        bottom=bottom / height,
+        top=1 - top / height,
+        wspace=col_gap / panel_inches,
+        hspace=row_gap / row_inches,
+    )
     for row, (row_name, lab) in enumerate(labels.items()):
         lab_views = _slices(lab, center, ras_spacing)
         for col, view in enumerate(VIEWS):
@@ -195,13 +207,10 @@ def overlay_figure(
             ax.set_yticks([])
             for spine in ax.spines.values():
                 spine.set_visible(False)
-            top, bottom, left, right = _EDGE_LETTERS[view]
-            h, w = gray.shape
-            style = {"color": "white", "fontsize": 8}
-            ax.text((w - 1) / 2, 0, top, ha="center", va="top", **style)
-            ax.text((w - 1) / 2, h - 1, bottom, ha="center", va="bottom", **style)
-            ax.text(0, (h - 1) / 2, left, ha="left", va="center", **style)
-            ax.text(w - 1, (h - 1) / 2, right, ha="right", va="center", **style)
+            # edge letters just inside the panel's own image (axes fraction), never on a neighbouring panel
+            style = {"color": "white", "fontsize": 8, "transform": ax.transAxes, "clip_on": True}
+            for letter, (x, y, ha, va) in zip(_EDGE_LETTERS[view], _EDGE_POSITIONS, strict=True):
+                ax.text(x, y, letter, ha=ha, va=va, **style)
             if row == 0:
                 ax.set_title(f"{view}, slice {stored_index[view]}", color="white", fontsize=10)
             if col == 0:
@@ -209,8 +218,7 @@ def overlay_figure(
     handles = [Patch(facecolor=rgb, edgecolor="none", label=LEGEND_NAMES[name]) for name, rgb in BRATS_PALETTE.items()]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, labelcolor="white", fontsize=9)
     if title:
-        fig.suptitle(title, color="white", fontsize=12)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.95 if title else 1))
+        fig.suptitle(title, color="white", fontsize=12, y=1 - 0.08 / height, va="top")
     return _save_png(fig, out_path, dpi)
 
 
@@ -266,6 +274,22 @@ def _smooth(values: np.ndarray, weight: float) -> np.ndarray:
     return out
 
 
+def _step_unit(tag: str) -> str:
+    """What a tag's steps count: ``TrainingRun`` logs ``train_loss`` and the loss terms ``loss_<name>`` per
+    iteration; the evaluator's metrics (``val_*``) and anything else are logged per epoch."""
+    name = tag.rsplit("/", 1)[-1].lower()
+    return "iteration" if _group(name) == "loss" and not name.startswith("val_") else "epoch"
+
+
+def _loss_style(tag: str) -> dict[str, Any]:
+    name = tag.rsplit("/", 1)[-1].lower()
+    if name == "train_loss":  # a wide pale band: loss_total, drawn dashed on top, has the same values
+        return {"linewidth": 5.0, "alpha": 0.35, "zorder": 2}
+    if name.endswith("total"):
+        return {"linewidth": 1.3, "linestyle": (0, (4, 2)), "zorder": 3}
+    return {"linewidth": 1.3, "zorder": 3}
+
+
 def training_curves_figure(
     log_dir_or_event_file: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -274,12 +298,13 @@ def training_curves_figure(
     panel_inches: float = 4.0,
     dpi: int = 120,
 ) -> Path:
-    """Loss terms and Dice per region against the logged step, from TensorBoard event files.
+    """Loss terms and Dice per region against iteration or epoch, from TensorBoard event files.
 
     Tags are grouped by name: anything with ``loss`` (or a ``kl``/``l2``/``mse`` term) goes to the loss panel,
     anything else with ``dice`` to the Dice panel, the rest (learning rate, HD95, ...) to a third panel when present.
-    The x axis is the step as logged: MONAI's ``TensorBoardStatsHandler`` logs iteration outputs per iteration
-    and epoch metrics per epoch.
+    The x axis says what the steps count: iterations for the per-iteration losses (``train_loss``, ``loss_<term>``),
+    epochs for the per-epoch metrics (``val_*``); a panel holding both gets the epoch axis on top. ``train_loss`` is
+    drawn as a wide pale band and a ``*total`` term dashed, so the two stay visible where they coincide.
 
     Args:
         log_dir_or_event_file: a log folder (searched recursively) or one event file.
@@ -304,21 +329,32 @@ def training_curves_figure(
     fig = Figure(figsize=(panel_inches * len(panels), panel_inches * 0.8))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (name, tags) in zip(axes, panels, strict=True):
+        units = sorted({_step_unit(t) for t in tags}, key=("iteration", "epoch").index)
+        x_axes = {units[0]: ax}
+        if len(units) > 1:  # the epoch curves get their own x axis on top
+            x_axes[units[1]] = ax.twiny()
+            x_axes[units[1]].set_xlabel(units[1])
+        colors = iter(f"C{i}" for i in range(len(tags)))
         for tag in tags:
             steps, values = scalars[tag]
-            marker = "o" if steps.size <= 50 else None
+            target = x_axes[_step_unit(tag)]
+            style = _loss_style(tag) if name == "loss" else {"linewidth": 1.5}
+            style.setdefault("marker", "o" if steps.size <= 50 and _step_unit(tag) == "epoch" else None)
+            color = next(colors)
             if name == "loss" and smoothing > 0:
-                (line,) = ax.plot(steps, values, alpha=0.25, linewidth=0.8)
-                ax.plot(steps, _smooth(values, smoothing), color=line.get_color(), label=tag, linewidth=1.5)
-            else:
-                ax.plot(steps, values, marker=marker, markersize=3, linewidth=1.5, label=tag)
-        ax.set_xlabel("step (iteration or epoch, as logged)")
+                target.plot(steps, values, color=color, alpha=0.2, linewidth=0.8, zorder=1)
+                values = _smooth(values, smoothing)
+            target.plot(steps, values, color=color, markersize=3, label=tag, **style)
+        ax.set_xlabel(units[0])
+        for x_ax in x_axes.values():
+            x_ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 1.5 (nor iteration 2.5)
         ax.set_ylabel(ylabels[name])
         ax.set_title({"loss": "Loss", "dice": "Dice", "other": "Other"}[name])
         if name == "dice":
             ax.set_ylim(0.0, 1.02)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        handles = [h for a in x_axes.values() for h in a.get_legend_handles_labels()[0]]
+        ax.legend(handles=handles, fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -439,7 +475,8 @@ class SaveOverlayd(MapTransform):
         output_dir: folder of the PNGs.
         convention: label convention of the map.
         image_key: key whose meta names the source image file.
-        case_id_key: data key holding the case id (the file stem otherwise).
+        case_id_key: data key holding the case id; without it, :func:`~brats_pipeline.layouts.case_id_from_path` of
+            the source file (the rule of :class:`~brats_pipeline.writers.SaveLabelMapd`).
         enabled: ``False`` makes the transform a no-op (a config switch).
     """
 
@@ -471,7 +508,7 @@ class SaveOverlayd(MapTransform):
         if not source:
             raise ValueError(f"SaveOverlayd: '{self.image_key}' carries no source file name in its meta")
         img, t1c = _load_t1c(source, None)
-        case_id = str(d.get(self.case_id_key) or Path(str(source)).name.split(".")[0])
+        case_id = str(d.get(self.case_id_key) or case_id_from_path(str(source)))
         for key in self.key_iterator(d):
             label = np.asarray(d[key].detach().cpu() if isinstance(d[key], torch.Tensor) else d[key])
             label = label[0] if label.ndim == 4 else label
@@ -532,4 +569,7 @@ __all__: Sequence[str] = (
 if __name__ == "__main__":
     import fire
 
+    from brats_pipeline.command_line import install_error_handler
+
+    install_error_handler(force=True)
     fire.Fire({"curves": curves, "overlay": overlay})

@@ -12,9 +12,14 @@ Spatial extents are fractions of the volume, so a ``64^3`` case is a scaled-down
 the affine of the BraTS releases (1 mm, LPS: ``diag(-1, -1, 1)`` with origin ``(0, H - 1, 0)``), int16 images and
 uint8 labels in the layout's label convention.
 
-Command line::
+Command line (:func:`main`; examples with their output in ``docs/tools.md``)::
 
-    python -m brats_pipeline.synthetic OUTPUT_DIR --num_cases 8 --layout brats2023 --shape 64,64,64 --seed 0
+    python -m brats_pipeline.synthetic OUTPUT_DIR [--num_cases 8] [--layout brats2023] [--shape 64,64,64]
+        [--seed 0] [--with_labels False] [--start_index 1]
+
+``--layout`` is one of :data:`SYNTHETIC_LAYOUTS` (``brats2018``, ``brats2020``, ``brats2021``, ``brats2023``,
+``msd``); ``--shape`` is ``H,W,D`` or one number for a cube (default the BraTS size ``240,240,155``). Calling again with
+a later ``--start_index`` adds cases; ``--with_labels False`` writes cases without a label file (a test split).
 """
 
 from __future__ import annotations
@@ -583,7 +588,27 @@ def main(
     with_labels: bool = True,
     start_index: int = 1,
 ) -> None:
-    """Command line: write ``num_cases`` synthetic cases into ``output_dir``."""
+    """Command line: write synthetic cases ``start_index .. start_index + num_cases - 1`` into ``output_dir``.
+
+    Args:
+        output_dir: dataset folder (created if missing; other cases in it are kept).
+        num_cases: number of cases to write.
+        layout: folder and file naming, and label convention, of a BraTS release or MSD Task01
+            (one of :data:`SYNTHETIC_LAYOUTS`).
+        shape: volume size ``H,W,D`` (or one number for a cube); default the BraTS ``240,240,155``.
+        seed: dataset seed; case ``i`` depends only on ``(seed, i, shape)``.
+        with_labels: write the label file (``False``: a test split without labels).
+        start_index: number of the first case (to grow a dataset, e.g. unlabelled cases after the labelled ones).
+    """
+    from brats_pipeline.command_line import CommandLineError
+
+    if not isinstance(with_labels, bool):  # python-fire reads "--with_labels false" as the (truthy) string 'false'
+        raise CommandLineError(
+            f"--with_labels {with_labels} is not a boolean ({with_labels!r}); write --with_labels True or "
+            "--with_labels False (python-fire turns only True/False into booleans)"
+        )
+    if layout not in SYNTHETIC_LAYOUTS:
+        raise CommandLineError(f"unknown --layout {layout!r}; choose one of {', '.join(SYNTHETIC_LAYOUTS)}")
     paths = generate_dataset(output_dir, num_cases, layout, shape, seed, with_labels, start_index)
     print(f"wrote {len(paths)} synthetic {layout} cases of shape {_parse_shape(shape)} to {Path(output_dir).resolve()}")
 
@@ -591,4 +616,7 @@ def main(
 if __name__ == "__main__":
     import fire
 
+    from brats_pipeline.command_line import install_error_handler
+
+    install_error_handler(force=True)
     fire.Fire(main)

@@ -1,15 +1,32 @@
-"""Figures: overlay PNGs (size, orientation, colors) and training curves from a real TensorBoard event file."""
+"""Figures: overlay PNGs (size, orientation, colors, edge letters), training curves from a real TensorBoard event
+file (both loss totals visible, x axes named by what the steps count), atomic PNG writes and overlay file names."""
 
 from __future__ import annotations
 
+import os
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
+import matplotlib.colors as mcolors
 import matplotlib.image as mpimg
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
+from matplotlib.figure import Figure
+from monai.data import MetaTensor
 
-from brats_pipeline.figures import BRATS_PALETTE, overlay, overlay_figure, read_scalars, training_curves_figure
+from brats_pipeline import figures
+from brats_pipeline.figures import (
+    BRATS_PALETTE,
+    SaveOverlayd,
+    overlay,
+    overlay_figure,
+    read_scalars,
+    training_curves_figure,
+)
 
 SHAPE = (40, 36, 20)
 REAL_CASE = Path(__file__).resolve().parents[1].parent / "shared/data/BraTS-GLI-00001-000"
@@ -135,3 +152,153 @@ def test_training_curves_from_event_file(tmp_path):
     assert mpimg.imread(training_curves_figure(event_file, tmp_path / "one.png")).shape == png.shape
     with pytest.raises(FileNotFoundError):
         training_curves_figure(tmp_path / "empty", tmp_path / "none.png")
+
+
+@pytest.fixture
+def drawn(monkeypatch) -> list[Figure]:
+    """The figures the functions draw, kept after their PNG is written (to measure what is where)."""
+    kept: list[Figure] = []
+    save = figures._save_png
+
+    def keep(fig, out_path, dpi):
+        kept.append(fig)
+        return save(fig, out_path, dpi)
+
+    monkeypatch.setattr(figures, "_save_png", keep)
+    return kept
+
+
+def _overlaps(a, b, tolerance: float = 0.5) -> bool:
+    return a.x0 < b.x1 - tolerance and b.x0 < a.x1 - tolerance and a.y0 < b.y1 - tolerance and b.y0 < a.y1 - tolerance
+
+
+def test_overlay_edge_letters_stay_in_their_panel(tmp_path, drawn):
+    """With a reference row, the bottom letter of a panel and the top letter of the panel below used to be drawn
+    on top of each other (square axial panels of a BraTS-shaped volume overlapped by a few pixels)."""
+    shape = (48, 48, 31)  # 240x240x155 scaled down: square axial panels
+    ii, jj, kk = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+    t1c = np.where(((ii - 24) / 20) ** 2 + ((jj - 24) / 22) ** 2 + ((kk - 15) / 14) ** 2 <= 1, 300.0 + jj, 0.0)
+    label = np.zeros(shape, np.uint8)
+    label[26:34, 20:28, 12:18], label[28:32, 22:26, 14:16] = 2, 4
+    out = overlay_figure(t1c, label, label, out_path=tmp_path / "two_rows.png", axcodes="LPS", title="two rows")
+    png = mpimg.imread(out)
+    fig = drawn[-1]
+    fig.set_dpi(120)  # the PNG's resolution: display units are then the PNG's pixels
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    panels = [ax.get_window_extent(renderer) for ax in fig.axes]
+    assert len(panels) == 6 and png.shape[0] == round(fig.get_size_inches()[1] * 120)
+    assert not any(_overlaps(a, b) for n, a in enumerate(panels) for b in panels[n + 1 :])
+    letters = []
+    for ax, panel in zip(fig.axes, panels, strict=True):
+        assert sorted(t.get_text() for t in ax.texts) == sorted(
+            figures._EDGE_LETTERS[figures.VIEWS[len(letters) // 4 % 3]]
+        )
+        for text in ax.texts:
+            box = text.get_window_extent(renderer)
+            assert panel.x0 - 0.5 <= box.x0 and box.x1 <= panel.x1 + 0.5
+            assert panel.y0 - 0.5 <= box.y0 and box.y1 <= panel.y1 + 0.5
+            letters.append(box)
+    assert not any(_overlaps(a, b) for n, a in enumerate(letters) for b in letters[n + 1 :])
+    for box in letters:  # each letter is drawn where it was measured (display y grows upwards, PNG rows down)
+        crop = png[png.shape[0] - int(box.y1) - 1 : png.shape[0] - int(box.y0) + 1, int(box.x0) : int(box.x1) + 1]
+        assert crop[..., :3].min(axis=-1).max() > 0.6
+
+
+def _log(log_dir, val_loss: bool = False) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(log_dir))
+    for it in range(1, 41):
+        total = 1.0 / it**0.5
+        writer.add_scalar("train_loss", total, it)  # what the trainer optimised ...
+        writer.add_scalar("loss_total", total, it)  # ... and the loss's own weighted total: the same values
+        writer.add_scalar("loss_dice", 0.8 * total, it)
+    for epoch in range(1, 5):
+        writer.add_scalar("val_mean_dice", 0.5 + 0.1 * epoch, epoch)
+        if val_loss:
+            writer.add_scalar("val_loss", 0.9 - 0.1 * epoch, epoch)
+    writer.close()
+
+
+def _near(png: np.ndarray, rgb, tolerance: float = 0.06) -> np.ndarray:
+    return np.abs(png[..., :3] - np.asarray(rgb)).max(axis=-1) < tolerance
+
+
+def test_training_curves_show_both_totals_and_name_the_step(tmp_path, drawn):
+    _log(tmp_path / "logs")
+    png = mpimg.imread(training_curves_figure(tmp_path / "logs", tmp_path / "curves.png"))
+    assert png.shape[0] >= 300 and png.shape[1] >= 800 and png[..., :3].std() > 0.05
+    loss_panel = png[:, : png.shape[1] // 2]
+    # tags in order loss_dice (C0), loss_total (C1, dashed, on top), train_loss (C2, a wide pale band underneath)
+    total = mcolors.to_rgb("C1")
+    band = 0.65 * np.ones(3) + 0.35 * np.asarray(mcolors.to_rgb("C2"))  # C2 at alpha 0.35 over white
+    assert _near(loss_panel, total).sum() > 150 and _near(loss_panel, band).sum() > 300
+    assert _near(png[:, png.shape[1] // 2 :], total).sum() == 0  # the Dice panel has its own colors
+    loss_ax, dice_ax = drawn[-1].axes
+    assert (loss_ax.get_xlabel(), dice_ax.get_xlabel()) == ("iteration", "epoch")
+
+
+def test_training_curves_mixed_steps_get_two_x_axes(tmp_path, drawn):
+    _log(tmp_path / "logs", val_loss=True)  # val_loss lands in the loss panel but is logged per epoch
+    training_curves_figure(tmp_path / "logs", tmp_path / "curves.png")
+    loss_ax, dice_ax, epoch_ax = drawn[-1].axes  # the twin axis comes last
+    assert loss_ax.get_xlabel() == "iteration" and epoch_ax.get_xlabel() == "epoch"
+    assert [line.get_label() for line in epoch_ax.get_lines()] == ["val_loss"]
+    assert epoch_ax.get_xlim()[1] < 6 < loss_ax.get_xlim()[1]
+    assert "val_loss" in [t.get_text() for t in loss_ax.get_legend().get_texts()]
+
+
+def test_png_write_is_atomic(tmp_path):
+    out = tmp_path / "f.png"
+    out.write_bytes(b"old")
+    fig = Figure()
+    fig.subplots().plot([0, 1])
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    fig.savefig = fail
+    with pytest.raises(OSError, match="disk full"):
+        figures._save_png(fig, out, 50)
+    assert out.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["f.png"]
+    del fig.savefig
+    figures._save_png(fig, tmp_path / "sub" / "g.png", 50)
+    assert mpimg.imread(tmp_path / "sub" / "g.png").shape[:2] == (240, 320)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "sub" / "g.png").stat().st_mode) == 0o666 & ~umask
+
+
+@pytest.mark.parametrize(
+    "folder, name, case_id",
+    [
+        ("BraTS-GLI-00007-000", "BraTS-GLI-00007-000-t1c.nii.gz", "BraTS-GLI-00007-000"),
+        ("flat", "BraTS2021_00001_t1ce.nii.gz", "BraTS2021_00001"),
+    ],
+)
+def test_save_overlayd_names_files_by_case_id(tmp_path, folder, name, case_id):
+    source = tmp_path / folder / name
+    source.parent.mkdir()
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    nib.save(nib.Nifti1Image(_head(), affine), str(source))
+    image = MetaTensor(torch.zeros(4, *SHAPE), meta={"filename_or_obj": str(source)})
+    pred = torch.as_tensor(_tumor())[None]
+    out_dir = tmp_path / "overlays"
+    SaveOverlayd(keys="pred", output_dir=out_dir)({"image": image, "pred": pred})
+    assert [p.name for p in out_dir.iterdir()] == [f"{case_id}_overlay.png"]
+    SaveOverlayd(keys="pred", output_dir=out_dir)({"image": image, "pred": pred, "case_id": "given"})
+    assert (out_dir / "given_overlay.png").is_file()  # a case_id in the data wins, as for SaveLabelMapd
+
+
+def test_command_line(tmp_path):
+    """``curves`` on a real log prints the PNG's path; a folder without a log is one ``error:`` line, status 1."""
+    _log(tmp_path / "logs")
+    cmd = [sys.executable, "-m", "brats_pipeline.figures", "curves"]
+    ok = subprocess.run([*cmd, str(tmp_path / "logs"), str(tmp_path / "c.png")], capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout == f"{tmp_path / 'c.png'}\n", ok.stderr
+    assert mpimg.imread(tmp_path / "c.png").shape[1] >= 800
+    bad = subprocess.run([*cmd, str(tmp_path / "nolog"), str(tmp_path / "d.png")], capture_output=True, text=True)
+    assert bad.returncode == 1 and bad.stderr.splitlines() == [
+        f"error: no TensorBoard event files (events.out.tfevents.*) in {tmp_path / 'nolog'}"
+    ]
