@@ -66,18 +66,9 @@ def _peak_gib(device: torch.device) -> float | None:
 
 
 def workflow(bundle: str, name: str, workflow_type: str, **overrides: Any):
-    from monai.bundle import ConfigWorkflow
+    from brats_pipeline.workflows import bundle_workflow
 
-    config = REPO / "bundles" / bundle / "configs" / name
-    wf = ConfigWorkflow(
-        config_file=str(config),
-        meta_file=str(config.parent / "metadata.json"),
-        logging_file=False,
-        workflow_type=workflow_type,
-        **overrides,
-    )
-    wf.initialize()
-    return wf
+    return bundle_workflow(bundle, name, workflow_type=workflow_type, **overrides)
 
 
 def train_step(bundle: str, sizes: dict, steps: int, root: Path, dataset: Path) -> dict:

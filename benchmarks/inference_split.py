@@ -39,21 +39,18 @@ STAGE_OF = {"LoadImaged": "read", "SaveLabelMapd": "write", "SaveOverlayd": "wri
 
 
 def build(bundle: str, root: Path, dataset: Path, overrides: dict[str, Any], config: Path | None = None):
-    from monai.bundle import ConfigWorkflow
+    from brats_pipeline.workflows import bundle_workflow
 
-    config = config or REPO / "bundles" / bundle / "configs" / "inference.json"
     (root / "models").mkdir(parents=True, exist_ok=True)
     values = {"network_width": WIDTH[bundle], "num_workers": 0, "overwrite": True, "progress": False, **overrides}
-    wf = ConfigWorkflow(
-        config_file=str(config),
-        meta_file=str(REPO / "bundles" / bundle / "configs" / "metadata.json"),
-        logging_file=False,
+    wf = bundle_workflow(
+        bundle,
+        config or "inference.json",
         workflow_type="inference",
         bundle_root=str(root),
         dataset_dir=str(dataset),
         **values,
     )
-    wf.initialize()
     torch.save(wf.parser.get_parsed_content("network").state_dict(), root / "models" / "model.pt")
     return wf
 

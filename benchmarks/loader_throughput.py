@@ -39,13 +39,11 @@ MODES = {
 
 
 def train_dataset(bundle: str, dataset_dir: Path, root: Path, mode: str, overrides: dict):
-    from monai.bundle import ConfigWorkflow
+    from brats_pipeline.workflows import bundle_workflow
 
-    wf = ConfigWorkflow(
-        config_file=str(REPO / "bundles" / bundle / "configs" / "train.json"),
-        meta_file=str(REPO / "bundles" / bundle / "configs" / "metadata.json"),
-        logging_file=False,
-        workflow_type="train",
+    wf = bundle_workflow(
+        bundle,
+        "train.json",
         bundle_root=str(root),
         dataset_dir=str(dataset_dir),
         num_folds=1,
@@ -55,7 +53,6 @@ def train_dataset(bundle: str, dataset_dir: Path, root: Path, mode: str, overrid
         **MODES[mode],
         **overrides,
     )
-    wf.initialize()
     return wf.parser.get_parsed_content("train#dataset")
 
 

@@ -40,6 +40,7 @@ from typing import Any
 import ignite.distributed as idist
 import numpy as np
 import torch
+import torch.distributed as dist
 from ignite.engine import Engine, Events
 from ignite.handlers import DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
@@ -47,6 +48,7 @@ from monai.handlers import CheckpointLoader, CheckpointSaver
 from brats_pipeline.atomic_files import atomic_write
 
 __all__ = [
+    "is_main_process",
     "CheckpointResumeError",
     "AtomicDiskSaver",
     "AtomicCheckpointSaver",
@@ -58,6 +60,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+
+def is_main_process() -> bool:
+    """``True`` outside ``torch.distributed`` and on rank 0 inside it: the process that writes files and logs."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 class CheckpointResumeError(RuntimeError):

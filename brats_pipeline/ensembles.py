@@ -15,12 +15,12 @@ makes::
 ``train`` writes the split once (``<output_dir>/datalist.json``, from ``--dataset_dir``; or takes ``--datalist_file``),
 so every member trains on the same split, whatever its seed, and runs for each member ``k``::
 
-    python -m monai.bundle run training --config_file "['<bundle>/configs/train.json','<output_dir>/record_cases.json',<--config ...>]"
+    python -m monai.bundle run training --config_file "['<bundle>/configs/train.json',<--config ...>]"
         --bundle_root <output_dir>/member_<k> --datalist_file <output_dir>/datalist.json --dataset_dir <dataset_dir>
         --fold k | --seed k   <overrides after -->
 
-``record_cases.json`` (written by ``train``) adds :class:`brats_pipeline.protocols.CaseRecord`, so each member's
-``models/cases.json`` lists the cases it trained and was selected on. ``<output_dir>/ensemble.json`` is the manifest
+Each member's ``models/cases.json`` (written by every training run, ``TrainingRun``) lists the cases it trained and
+was selected on. ``<output_dir>/ensemble.json`` is the manifest
 (members, their ``model.pt``, commands, the overrides). ``predict`` runs::
 
     python -m monai.bundle run --config_file "['<bundle>/configs/inference.json','configs/ensemble.json'(,'configs/tta.json')]"
@@ -51,7 +51,6 @@ from brats_pipeline.protocols import CASE_RECORD_NAME, read_case_record
 
 __all__ = [
     "MANIFEST_NAME",
-    "RECORD_OVERLAY_NAME",
     "member_commands",
     "predict_command",
     "train_ensemble",
@@ -61,23 +60,9 @@ __all__ = [
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MANIFEST_NAME = "ensemble.json"
-RECORD_OVERLAY_NAME = "record_cases.json"
 #: training overrides that change the architecture, forwarded to ``predict`` (inference must build the same network)
 ARCHITECTURE_KEYS = ("network_width",)
 ARCHITECTURE_PREFIXES = ("network_def#", "network_def::")
-
-#: the overlay ``train`` writes: every member records its cases in ``models/cases.json``
-RECORD_OVERLAY: dict[str, Any] = {
-    "+train#handlers": [
-        {
-            "_target_": "brats_pipeline.protocols.CaseRecord",
-            "ckpt_dir": "@ckpt_dir",
-            "train_files": "@train_files",
-            "val_files": "@val_files",
-            "extra": {"dataset_dir": "$str(@dataset_dir)", "fold": "@fold", "seed": "@seed"},
-        }
-    ],
-}
 
 
 def _python_list(items: Sequence[str]) -> str:
@@ -146,7 +131,7 @@ def member_commands(
     key = "fold" if folds is not None else "seed"
     bundle_dir = _bundle_dir(bundle)
     out = Path(output_dir).resolve()
-    files = [str(bundle_dir / "configs" / "train.json"), str(out / RECORD_OVERLAY_NAME)]
+    files = [str(bundle_dir / "configs" / "train.json")]
     files += [str(Path(c).resolve()) for c in configs]
     members = []
     for v in values:
@@ -235,7 +220,6 @@ def train_ensemble(
             print(shlex.join(m["command"]))
         return manifest
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(RECORD_OVERLAY, out / RECORD_OVERLAY_NAME)
     for i, member in enumerate(members, 1):
         rc = _run_logged(member["command"], Path(member["bundle_root"]) / "train.log", f"[{member['name']}]")
         member["returncode"] = rc

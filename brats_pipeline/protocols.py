@@ -37,6 +37,8 @@ from monai.transforms import Resized
 from torch.utils.data import Dataset, Sampler
 
 from brats_pipeline.atomic_files import atomic_write, write_json_atomic
+from brats_pipeline.checkpointing import is_main_process
+from brats_pipeline.layouts import entry_case_id
 
 __all__ = [
     "ResizedPasses",
@@ -60,10 +62,6 @@ EVAL_SPLITS: tuple[str, ...] = ("fold", "validation", "testing", "all")
 
 def _is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _is_main_process() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 # ------------------------------------------------------------------------------------------------- epoch passes
@@ -266,7 +264,7 @@ class FinalModelSaver:
             engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        if not _is_main_process():
+        if not is_main_process():
             return
         state = {k: v.detach().cpu() for k, v in self.weights.state_dict().items()}
         with atomic_write(self.path, "wb") as f:
@@ -279,14 +277,7 @@ class FinalModelSaver:
 
 
 def _case_ids(items: Sequence[Mapping[str, Any]] | None) -> list[str]:
-    ids = []
-    for item in items or ():
-        case_id = item.get("case_id") if isinstance(item, Mapping) else None
-        if case_id is None and isinstance(item, Mapping) and item.get("label"):
-            case_id = Path(str(item["label"])).name
-        if case_id is not None:
-            ids.append(str(case_id))
-    return sorted(set(ids))
+    return sorted({entry_case_id(item) for item in items or () if isinstance(item, Mapping)})
 
 
 class CaseRecord:
@@ -334,7 +325,7 @@ class CaseRecord:
             engine.add_event_handler(Events.STARTED, self)
 
     def __call__(self, engine: Engine | None = None) -> Path:
-        if _is_main_process():
+        if is_main_process():
             write_json_atomic(self.record, self.path)
         return self.path
 

@@ -14,7 +14,9 @@ resume (``--resume True``) :class:`~brats_pipeline.checkpointing.ResumeFromCheck
 atomic last checkpoint     :class:`~brats_pipeline.checkpointing.AtomicCheckpointSaver`     0
   with RNG/best/AMP state  :class:`RNGStates`, :class:`EvaluatorBestMetric`,                0
                            :class:`GradScalerState` in the saved dict
-atomic best ``model.pt``   ``AtomicCheckpointSaver(save_key_metric=True)`` on the evaluator 0
+atomic ``model.pt``        best key metric: ``AtomicCheckpointSaver(save_key_metric=True)``  0
+                           on the evaluator; ``keep_model="final"``: :class:`FinalModelSaver`
+record of the cases        :class:`~brats_pipeline.protocols.CaseRecord` (``models/cases.json``) 0
 loss and metric logs       MONAI ``StatsHandler`` on both engines                           0
 TensorBoard                MONAI ``TensorBoardStatsHandler`` (``tensorboard=False``: off)   0
 progress bar               Ignite ``ProgressBar`` (``progress=False``: off)                 0
@@ -35,7 +37,6 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from ignite.engine import Engine
 from monai.handlers import StatsHandler, TensorBoardStatsHandler
 
@@ -45,17 +46,14 @@ from brats_pipeline.checkpointing import (
     GradScalerState,
     ResumeFromCheckpoint,
     RNGStates,
+    is_main_process,
 )
+from brats_pipeline.protocols import CaseRecord, FinalModelSaver
 from brats_pipeline.training_guards import NonFiniteLossGuard, check_label_files
 
-__all__ = ["TrainingRun", "is_main_process"]
+__all__ = ["TrainingRun"]
 
 logger = logging.getLogger(__name__)
-
-
-def is_main_process() -> bool:
-    """``True`` outside ``torch.distributed`` and on rank 0 inside it."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _loss_value(output: Mapping[str, Any]) -> float:
@@ -76,6 +74,11 @@ class TrainingRun:
         log_dir: TensorBoard folder.
         best_weights: what ``model.pt`` holds (an object with ``state_dict``/``load_state_dict``), e.g.
             segresnet_vae's ``SegmentationWeights`` view; ``None`` saves ``network`` itself.
+        keep_model: ``"best"``: ``model.pt`` is the epoch with the best validation key metric; ``"final"``: the
+            weights after the last epoch (the papers' protocol when training on all labelled cases).
+        train_items, val_items: the training and validation cases, recorded in ``models/cases.json`` (which
+            cases trained and which chose the model; ``evaluate.json`` reads it to say whether its score is held out).
+        record_extra: more entries for ``models/cases.json`` (dataset folder, fold, seed ...).
         resume: continue from the latest ``last`` checkpoint in ``ckpt_dir`` (config key ``resume``).
         check_labels: check every label file's values before training (config key ``check_labels``).
         label_items: datalist entries whose ``label`` files are checked.
@@ -97,6 +100,10 @@ class TrainingRun:
         ckpt_dir: str | os.PathLike,
         log_dir: str | os.PathLike,
         best_weights: Any = None,
+        keep_model: str = "best",
+        train_items: Iterable[Mapping[str, Any]] | None = None,
+        val_items: Iterable[Mapping[str, Any]] = (),
+        record_extra: Mapping[str, Any] | None = None,
         resume: bool = False,
         check_labels: bool = True,
         label_items: Iterable[Mapping[str, Any]] = (),
@@ -121,9 +128,19 @@ class TrainingRun:
         self.tensorboard = tensorboard
         self.progress = progress
         self.main = is_main_process()
+        if keep_model not in ("best", "final"):
+            raise ValueError(f"keep_model must be 'best' or 'final', got {keep_model!r}")
+        self.keep_model = keep_model
+        weights = network if best_weights is None else best_weights
+        self.final_model = FinalModelSaver(self.ckpt_dir, weights, enabled=keep_model == "final")
+        self.case_record = (
+            CaseRecord(self.ckpt_dir, list(train_items), list(val_items), keep_model, extra=record_extra)
+            if train_items is not None
+            else None
+        )
         self.best_checkpoint = AtomicCheckpointSaver(
             save_dir=self.ckpt_dir,
-            save_dict={"model": network if best_weights is None else best_weights},
+            save_dict={"model": weights},
             save_key_metric=True,
             key_metric_filename="model.pt",
         )
@@ -176,7 +193,13 @@ class TrainingRun:
 
                 trainer += [ProgressBar(persist=True)]
             trainer += [self.last_checkpoint]
-            evaluator += [self.best_checkpoint, _RecordBestMetrics(self)]
+            if self.keep_model == "final":
+                trainer += [self.final_model]
+            else:
+                evaluator += [self.best_checkpoint]
+            evaluator += [_RecordBestMetrics(self)]
+            if self.case_record is not None:
+                trainer += [self.case_record]
         return {"trainer": trainer, "evaluator": evaluator}
 
     def attach(self) -> None:
@@ -192,7 +215,7 @@ class TrainingRun:
     def check_label_files(self) -> None:
         """The label pre-check (rank 0; the other ranks wait at the first collective and fail with it)."""
         if self.check_labels and self.main and self.label_items:
-            check_label_files(self.label_items, self.label_convention)
+            check_label_files(self.label_items, self.label_convention, progress=self.progress)
 
     def run(self) -> dict[str, Any]:
         """Check labels, attach the guarantees, train, and print and return :meth:`summary`."""
@@ -218,6 +241,7 @@ class TrainingRun:
             "best_metric_epoch": int(getattr(state, "best_metric_epoch", -1)),
             "best_metrics": dict(self.best_metrics),
             "model": best_file if os.path.isfile(best_file) else None,
+            "keep_model": self.keep_model,
             "log_dir": self.log_dir if self.tensorboard else None,
         }
 
@@ -229,7 +253,8 @@ class TrainingRun:
             lines.append(f"  best key metric  {summary['best_metric']:.4f} at epoch {summary['best_metric_epoch']}")
         for name, value in sorted(summary["best_metrics"].items()):
             lines.append(f"    {name:<14} {value:.4f}")
-        lines.append(f"  best model       {summary['model'] or '(none saved: no validation ran)'}")
+        which = "final model" if summary.get("keep_model") == "final" else "best model "
+        lines.append(f"  {which}      {summary['model'] or '(none saved: no validation ran)'}")
         if summary["log_dir"]:
             lines.append(f"  TensorBoard      {summary['log_dir']}")
         return "\n".join(lines)

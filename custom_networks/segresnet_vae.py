@@ -296,5 +296,7 @@ class SegmentationWeights:
         result = self._module().load_state_dict(state_dict, strict=False)
         missing = [k for k in result.missing_keys if not any(p.startswith(VAE_PREFIX) for p in k.split("."))]
         if strict and (missing or result.unexpected_keys):
-            raise RuntimeError(f"segmentation weights do not match: missing {missing}, unexpected {result.unexpected_keys}")
+            raise RuntimeError(
+                f"segmentation weights do not match: missing {missing}, unexpected {result.unexpected_keys}"
+            )
         return result

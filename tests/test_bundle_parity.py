@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from monai.bundle import ConfigWorkflow
 
 from brats_pipeline.case_screening import CaseFailureReport
 from brats_pipeline.checkpointing import AtomicCheckpointSaver, ResumeFromCheckpoint
+from brats_pipeline.protocols import CaseRecord
 from brats_pipeline.training_guards import NonFiniteLossGuard
+from brats_pipeline.workflows import bundle_workflow
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = ("segresnet_vae", "espnet3d")
@@ -52,6 +53,7 @@ PAPER_KEYS: dict[str, dict[str, str]] = {
         "dice_weight": "Myronenko Eq. 1",
         "l2_weight": "Myronenko Eq. 1",
         "kl_weight": "Myronenko Eq. 1",
+        "smooth_nr": "Myronenko Eq. 2 (no smoothing in the numerator)",
         "losses": "3D-ESPNet's loss choices",
         "loss_name": "3D-ESPNet's loss choices",
         "class_weights": "3D-ESPNet's class weights",
@@ -131,12 +133,10 @@ TINY = {
 }
 
 
-def build(bundle: str, name: str, root: Path, dataset: Path) -> ConfigWorkflow:
-    wf = ConfigWorkflow(
-        config_file=str(REPO / "bundles" / bundle / "configs" / name),
-        meta_file=str(REPO / "bundles" / bundle / "configs" / "metadata.json"),
-        logging_file=False,
-        workflow_type="train" if name == "train.json" else "inference",
+def build(bundle: str, name: str, root: Path, dataset: Path):
+    return bundle_workflow(
+        bundle,
+        name,
         bundle_root=str(root),
         dataset_dir=str(dataset),
         num_folds=2,
@@ -145,8 +145,6 @@ def build(bundle: str, name: str, root: Path, dataset: Path) -> ConfigWorkflow:
         progress=True,
         **(TINY[bundle] if name == "train.json" else {}),
     )
-    wf.initialize()
-    return wf
 
 
 def test_both_bundles_attach_the_same_guarantees(synthetic_dataset, tmp_path):
@@ -172,7 +170,8 @@ def test_both_bundles_attach_the_same_guarantees(synthetic_dataset, tmp_path):
         }
     )
     trainer = attached["espnet3d"]["trainer"]
-    assert trainer[:2] == [NonFiniteLossGuard, ResumeFromCheckpoint] and trainer[-1] is AtomicCheckpointSaver
+    assert trainer[:2] == [NonFiniteLossGuard, ResumeFromCheckpoint] and AtomicCheckpointSaver in trainer
+    assert CaseRecord in trainer  # models/cases.json: what trained and what chose the model
     assert AtomicCheckpointSaver in attached["espnet3d"]["evaluator"]
 
 

@@ -428,7 +428,9 @@ def test_model_card_names_existing_configs():
     assert {"configs/train.json", "configs/evaluate.json", "configs/multi_gpu_train.json"} <= named
     missing = [n for n in named if not (REPO / n).is_file() and not (BUNDLE / n).is_file()]
     assert not missing, missing
-    assert re.search(r"Quickstart \(synthetic data.*held-out Dice WT \d\.\d+", text), "the model card reports the measured quickstart Dice"
+    assert re.search(r"Quickstart \(synthetic data.*held-out Dice WT \d\.\d+", text), (
+        "the model card reports the measured quickstart Dice"
+    )
 
 
 # ------------------------------------------------------------------------------------------------- network checks
@@ -463,7 +465,7 @@ def test_verify_net_in_out(n, width):
 def test_training_checkpoints(runs: dict[str, BundleRun], work: Path):
     runs["train"].check()
     models = work / "trained" / "models"
-    assert sorted(p.name for p in models.iterdir()) == [f"last_checkpoint_epoch={EPOCHS}.pt", "model.pt"]
+    assert sorted(p.name for p in models.iterdir()) == ["cases.json", f"last_checkpoint_epoch={EPOCHS}.pt", "model.pt"]
 
     # model.pt: segmentation weights only, strict into a plain MONAI SegResNet; the command line's width 8 won over
     # the overlay's 16
@@ -521,7 +523,11 @@ def test_run_id_from_inside_the_bundle_folder(runs: dict[str, BundleRun], work: 
     output = run.check()
     assert "Cannot find the metadata config file" not in output
     root = work / "inside"
-    assert sorted(p.name for p in (root / "models").iterdir()) == ["last_checkpoint_epoch=1.pt", "model.pt"]
+    assert sorted(p.name for p in (root / "models").iterdir()) == [
+        "cases.json",
+        "last_checkpoint_epoch=1.pt",
+        "model.pt",
+    ]
     best = torch.load(root / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert best["convInit.conv.weight"].shape[0] == WIDTH
     assert [step for step, _ in scalars(root / "eval" / "logs")["val_mean_dice"]] == [1]

@@ -79,7 +79,10 @@ def build_run(ckpt_dir: Path, resume: bool = False, with_rng: bool = True, saver
     )
     if with_rng and saver_cls is AtomicCheckpointSaver:
         # the shipped wiring: what both bundles' train.json attach through TrainingRun
-        trainer_handlers = [LrScheduleHandler(sched, print_lr=False), ValidationHandler(validator=evaluator, interval=1)]
+        trainer_handlers = [
+            LrScheduleHandler(sched, print_lr=False),
+            ValidationHandler(validator=evaluator, interval=1),
+        ]
         for h in trainer_handlers:
             h.attach(trainer)
         training_run = TrainingRun(

@@ -9,21 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow
 
 from brats_pipeline.data_cache import PersistentCaseDataset, cache_size, case_dataset
 from brats_pipeline.datalist import find_cases
+from brats_pipeline.workflows import bundle_workflow
 
-REPO = Path(__file__).resolve().parents[1]
 BUNDLES = ("segresnet_vae", "espnet3d")
 
 
-def workflow(bundle: str, root: Path, dataset: Path, **override) -> ConfigWorkflow:
-    wf = ConfigWorkflow(
-        config_file=str(REPO / "bundles" / bundle / "configs" / "train.json"),
-        meta_file=str(REPO / "bundles" / bundle / "configs" / "metadata.json"),
-        logging_file=False,
-        workflow_type="train",
+def workflow(bundle: str, root: Path, dataset: Path, **override):
+    return bundle_workflow(
+        bundle,
+        "train.json",
         bundle_root=str(root),
         dataset_dir=str(dataset),
         num_folds=2,
@@ -31,8 +28,6 @@ def workflow(bundle: str, root: Path, dataset: Path, **override) -> ConfigWorkfl
         network_width=8,
         **override,
     )
-    wf.initialize()
-    return wf
 
 
 def items(dataset, seed: int = 0) -> list[dict]:

@@ -17,7 +17,6 @@ import pytest
 
 from brats_pipeline.ensembles import (
     MANIFEST_NAME,
-    RECORD_OVERLAY_NAME,
     _split_argv,
     architecture_overrides,
     member_commands,
@@ -51,7 +50,6 @@ def test_member_commands_folds_and_seeds(tmp_path):
     files = ast.literal_eval(option(cmd, "--config_file"))  # what python-fire reads back: a list
     assert files == [
         str(REPO / "bundles" / "segresnet_vae" / "configs" / "train.json"),
-        str(tmp_path.resolve() / RECORD_OVERLAY_NAME),
         str(REPO / "configs" / "segresnet_paper_protocol.json"),
     ]
     assert option(cmd, "--bundle_root") == str(tmp_path.resolve() / "member_fold3")

@@ -90,6 +90,8 @@ OVERLAYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "espnet_weighted_ce.json": (("espnet3d",), ("train.json",)),
     "early_stopping.json": (BUNDLES, ("train.json",)),
     "mlflow.json": (BUNDLES, ("train.json",)),
+    "segresnet_paper_protocol.json": (("segresnet_vae",), ("train.json",)),
+    "espnet_paper_protocol.json": (("espnet3d",), ("train.json",)),
 }
 #: overlays whose keys replace the tiny crop (they are about the crop)
 CROP_OVERLAYS = {"crop_paper.json": [160, 192, 128], "crop_small.json": [128, 128, 128]}
@@ -279,7 +281,8 @@ def test_documented_overrides_name_existing_keys():
         assert argv[0] == "run" and called["args"] in ((), ("training",)), argv
         kwargs = dict(called["kwargs"])
         parser = ConfigParser()
-        parser.read_config([str(REPO / f) for f in kwargs.pop("config_file")])
+        files = kwargs.pop("config_file")
+        parser.read_config([str(REPO / f) for f in (files if isinstance(files, (list, tuple)) else [files])])
         if called["args"]:
             assert called["args"][0] in parser, argv
         for key, value in kwargs.items():

@@ -11,21 +11,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow
 from monai.transforms import LoadImaged
 
 from brats_pipeline.transforms import ThreadedNibabelReader
-
-REPO = Path(__file__).resolve().parents[1]
+from brats_pipeline.workflows import bundle_workflow
 
 
 def run_inference(bundle: str, root: Path, case: Path, **override) -> np.ndarray:
-    config = REPO / "bundles" / bundle / "configs" / "inference.json"
-    wf = ConfigWorkflow(
-        config_file=str(config),
-        meta_file=str(config.parent / "metadata.json"),
-        logging_file=False,
-        workflow_type="inference",
+    wf = bundle_workflow(
+        bundle,
+        "inference.json",
         bundle_root=str(root),
         dataset_dir=str(case),
         network_width=8,
@@ -33,7 +28,6 @@ def run_inference(bundle: str, root: Path, case: Path, **override) -> np.ndarray
         bf16_autocast=False,
         **override,
     )
-    wf.initialize()
     wf.run()
     wf.finalize()
     return np.asarray(nib.load(root / "eval" / "predictions" / f"{case.name}.nii.gz").dataobj)
@@ -43,14 +37,7 @@ def run_inference(bundle: str, root: Path, case: Path, **override) -> np.ndarray
 def test_label_maps_equal_with_and_without_probabilities(bundle, synthetic_dataset, tmp_path):
     case = synthetic_dataset / "BraTS-GLI-00005-000"
     torch.manual_seed(0)
-    probe = ConfigWorkflow(
-        config_file=str(REPO / "bundles" / bundle / "configs" / "inference.json"),
-        logging_file=False,
-        workflow_type="inference",
-        network_width=8,
-        bundle_root=str(tmp_path),
-    )
-    probe.initialize()
+    probe = bundle_workflow(bundle, "inference.json", network_width=8, bundle_root=str(tmp_path))
     weights = probe.parser.get_parsed_content("network_def").state_dict()
     for name in ("a", "b"):
         (tmp_path / name / "models").mkdir(parents=True)

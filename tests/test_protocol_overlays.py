@@ -314,13 +314,16 @@ def test_segresnet_paper_protocol_trains_on_all_cases_and_keeps_the_final_model(
         tmp_path / "off",
         synthetic_dataset,
         train_on_all=False,
+        keep_model="best",
         epochs=1,
         roi_size=[32, 32, 32],
     )
     assert len(off.parser.get_parsed_content("val_files")) == 2
-    assert off.parser.get_parsed_content("val_interval") == 1
-    (saver,) = [h for h in off.parser.get_parsed_content("train#handlers") if isinstance(h, FinalModelSaver)]
-    assert saver.enabled is False
+    assert [type(h).__name__ for h in off.parser.get_parsed_content("train#handlers")][-1] == "ValidationHandler"
+    run_off = off.parser.get_parsed_content("training_run")
+    assert run_off.keep_model == "best" and run_off.final_model.enabled is False
+    on = parser.get_parsed_content("training_run")
+    assert on.keep_model == "final" and any(isinstance(h, FinalModelSaver) for h in on.handlers()["trainer"])
 
 
 @pytest.mark.slow

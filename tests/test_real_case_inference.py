@@ -24,7 +24,9 @@ BUNDLE = REPO / "bundles" / "segresnet_vae"
 def test_tta_inference_on_real_case_writes_label_map_and_overlay(real_case: Path, tmp_path: Path) -> None:
     (tmp_path / "models").mkdir()
     torch.manual_seed(0)
-    net = SegResNet(spatial_dims=3, in_channels=4, out_channels=3, init_filters=8, blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1))
+    net = SegResNet(
+        spatial_dims=3, in_channels=4, out_channels=3, init_filters=8, blocks_down=(1, 2, 2, 4), blocks_up=(1, 1, 1)
+    )
     torch.save(net.state_dict(), tmp_path / "models" / "model.pt")
 
     workflow = ConfigWorkflow(
