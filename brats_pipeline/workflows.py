@@ -31,7 +31,7 @@ def bundle_workflow(
     Args:
         bundle: a bundle folder, or the name of one under :data:`BUNDLES_DIR` (``segresnet_vae``, ``espnet3d``).
         config: file name in the bundle's ``configs/`` (or a path).
-        extra_configs: overlay files merged after it, in order.
+        extra_configs: files merged after it, in order (names in the bundle's ``configs/``, or paths).
         workflow_type: ``"train"`` for ``train.json`` and ``multi_gpu_train.json``, else ``"inference"`` (default
             from the file name).
         initialize: call ``initialize()`` (``set_determinism``, ``bundle_code``, ...).
@@ -39,12 +39,16 @@ def bundle_workflow(
             ``network_width`` ...); ``logging_file`` defaults to ``False``.
     """
     folder = Path(bundle) if Path(bundle).is_dir() else BUNDLES_DIR / str(bundle)
-    path = Path(config) if Path(config).is_file() else folder / "configs" / str(config)
+
+    def locate(name: str | os.PathLike) -> Path:
+        return Path(name) if Path(name).is_file() else folder / "configs" / str(name)
+
+    path = locate(config)
     if workflow_type is None:
         workflow_type = "train" if path.name.endswith("train.json") else "inference"
     overrides.setdefault("logging_file", False)
     workflow = ConfigWorkflow(
-        config_file=[str(path), *(str(c) for c in extra_configs)] if extra_configs else str(path),
+        config_file=[str(path), *(str(locate(c)) for c in extra_configs)] if extra_configs else str(path),
         meta_file=str(folder / "configs" / "metadata.json"),
         workflow_type=workflow_type,
         **overrides,

@@ -129,7 +129,7 @@ def test_evaluate_writes_predictions_and_brats_metrics(trained):
     val_files = wf.parser.get_parsed_content("val_files")
     assert len(val_files) == 2
     eval_dir = root / "eval"
-    assert_label_maps_match_inputs(eval_dir / "predictions", val_files)
+    assert_label_maps_match_inputs(eval_dir / "evaluation_predictions", val_files)
     for name in ("metrics.csv", "val_mean_dice_raw.csv", "metrics_per_case.csv", "metrics_summary.csv"):
         assert (eval_dir / name).is_file(), name
     # the label maps written in the input geometry score what the evaluator measured on the brain-cropped volumes

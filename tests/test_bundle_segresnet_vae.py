@@ -546,7 +546,7 @@ def test_evaluate(runs: dict[str, BundleRun], work: Path, synthetic_dataset: Pat
     val_cases = {c["case_id"]: c for c in datalist["training"] if c["fold"] == 0}
     assert len(val_cases) == 2
 
-    predictions = sorted((eval_dir / "predictions").glob("*.nii.gz"))
+    predictions = sorted((eval_dir / "evaluation_predictions").glob("*.nii.gz"))
     assert [p.name for p in predictions] == [f"{c}.nii.gz" for c in sorted(val_cases)]
     for pred in predictions:
         case_id = pred.name.removesuffix(".nii.gz")
