@@ -108,7 +108,8 @@ class RecordStartTimed(Transform):
     """Put the wall-clock time (``time.time()``, comparable across DataLoader worker processes) under ``key``.
 
     Place it first in the pre-processing, so :class:`SaveLabelMapd` can log each case's time from the start of
-    its pre-processing to its file on disk (queueing in the DataLoader included).
+    its pre-processing (or, for a case prefetched while the previous one ran, from the previous case's write) to
+    its file on disk.
     """
 
     def __init__(self, key: str = "start_time") -> None:
@@ -314,7 +315,9 @@ class SaveLabelMapd(MapTransform):
             if isinstance(start, (list, tuple)):
                 start = start[0]
             start = float(start) if isinstance(start, str) else float(torch.as_tensor(start).reshape(-1)[0])
-            elapsed, since = now - start, "since its pre-processing started"
+            # a prefetched case waited in the DataLoader while the previous one ran: count from the later of the two,
+            # so each case's time is its own, not a running total
+            elapsed, since = now - max(start, self._last_time), "for this case"
         else:
             elapsed, since = now - self._last_time, "since the previous case"
         self._last_time = now

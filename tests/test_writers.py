@@ -150,7 +150,7 @@ def test_save_label_map_geometry_case_id_and_probabilities(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="brats_pipeline.writers"):
         out = saver(data)
     assert out["pred"] is data["pred"]
-    assert "since its pre-processing started" in caplog.text
+    assert "for this case" in caplog.text
 
     data_lab, img = read(tmp_path / "out" / "BraTS-GLI-00007-000.nii.gz")
     assert data_lab.dtype == np.uint8 and data_lab.shape == SHAPE
