@@ -33,7 +33,9 @@ def isolate(repo: str, blocked: list[str] | None = None) -> None:
     the ``blocked`` packages unimportable."""
     sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
     sys.path_hooks[:] = [h for h in sys.path_hooks if "__editable__" not in getattr(h, "__module__", "")]
-    sys.path[:] = [p for p in sys.path if p and not p.startswith(repo)]
+    # a virtual environment inside the repository (.venv, as the README suggests) is the interpreter's, not the repo's
+    own = (sys.prefix, sys.exec_prefix)
+    sys.path[:] = [p for p in sys.path if p and (not p.startswith(repo) or p.startswith(own))]
     sys.path_importer_cache.clear()
     if blocked:
         for name in [m for m in sys.modules if m.split(".")[0] in blocked]:
