@@ -178,6 +178,8 @@ class CaseFailureReport:
         if error is self._handled:  # Ignite fires EXCEPTION_RAISED again as the exception leaves the epoch
             raise error
         self._handled = error
+        if not self._loading and not self._current and engine.state.iteration == 0:
+            raise error  # before the first case (e.g. the checkpoint cannot be loaded): a run failure, not a case's
         if self._loading:
             index = self.processed
             case = entry_case_id(self.accepted[index], self.case_id_key) if index < len(self.accepted) else "?"

@@ -382,7 +382,10 @@ def build_datalist(
     validation = [labelled[i] for i in order[:n_val]]
     training = [{**labelled[i], "fold": k % num_folds} for k, i in enumerate(order[n_val:])]
     if 0 < len(training) < num_folds:
-        raise ValueError(f"{len(training)} training cases cannot fill {num_folds} folds; lower num_folds")
+        raise DatasetError(
+            f"{dataset_dir}: {len(training)} labelled case(s) cannot fill {num_folds} folds; lower num_folds "
+            f"(--num_folds {max(1, len(training))} or less)"
+        )
     root = Path(dataset_dir).expanduser().resolve()
     datalist = {
         "name": root.name,

@@ -146,7 +146,8 @@ def check_label_values(label: NdarrayOrTensor, convention: str | LabelConvention
         raise LabelConventionError(
             f"{_source_name(label, source)}: label values {{{shown}}} are not part of the {conv.name!r} convention "
             f"(allowed: {list(conv.values)}; found: {[f'{v:g}' for v in found]}). "
-            "Choose the dataset's convention with the config key 'label_convention'.",
+            "Choose the dataset's convention: --label_convention on the bundle command line (the config key), "
+            "--convention for python -m brats_pipeline.scoring.",
             source=_source_name(label, source),
             convention=conv.name,
             bad_values=tuple(bad),

@@ -355,3 +355,21 @@ def test_bundle_inference_writes_the_good_cases_and_exits_with_the_bad_ones(mixe
     assert str(info.value.code).startswith("4 case(s) failed (7 screened, 3 accepted, 3 processed)")
     for case, (file, _) in _expected_failures(mixed_folder).items():
         assert f"{case} [screening] {file}: " in str(info.value.code)
+
+
+def test_failure_before_the_first_case_is_not_a_case_failure():
+    """A checkpoint that cannot be loaded fails the run at ``STARTED``: re-raised as it is, no case blamed."""
+    from ignite.engine import Engine, Events
+
+    report = CaseFailureReport()
+    report.accepted.extend([{"case_id": "BraTS-GLI-00001-000"}])
+    engine = Engine(lambda e, b: b)
+    report.attach(engine)
+
+    def missing_weights(_):
+        raise FileNotFoundError("models/model.pt")
+
+    engine.add_event_handler(Events.STARTED, missing_weights)
+    with pytest.raises(FileNotFoundError):
+        engine.run([{"case_id": "BraTS-GLI-00001-000"}], max_epochs=1)
+    assert report.failures == []
