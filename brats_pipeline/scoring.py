@@ -54,6 +54,7 @@ import logging
 import math
 import os
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -580,7 +581,7 @@ def score_folders(
         hd95_empty_mm=penalty,
     )
     rows: list[dict[str, float | str]] = []
-    for case_id in tqdm(cases, desc="scoring", unit="case", disable=not progress):
+    for case_id in tqdm(cases, desc="scoring", unit="case", disable=not progress or not sys.stderr.isatty()):
         scores = score_case(matched.get(case_id), refs[case_id], convention, pred_convention, **score_kwargs)
         if case_id not in matched and on_missing == "worst":
             scores = worst_scores(scores, penalty)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -191,7 +192,7 @@ def check_label_files(
     """
     paths = _label_paths(items, label_key, base_dir)
     logger = logging.getLogger(__name__)
-    bar = tqdm(total=len(paths), desc="checking label files", unit="file", disable=not progress)
+    bar = tqdm(total=len(paths), desc="checking label files", unit="file", disable=not progress or not sys.stderr.isatty())
     try:
         if num_workers > 0:
             pool = ThreadPoolExecutor(num_workers)
