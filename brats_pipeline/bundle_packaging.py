@@ -5,7 +5,9 @@ expects::
 
     <name>/configs/      metadata.json, train.json, inference.json, evaluate.json, multi_gpu_train.json, logging.conf
     <name>/docs/         README.md (model card), data_license.txt
-    <name>/models/       model.pt when it is at most ``max_file_mb``; bigger files are listed in large_files.json
+    <name>/models/       model.pt when it is at most ``max_file_mb``; bigger files are listed in large_files.json;
+                         model_settings.json (how the model was trained: width, crop, label convention, ...) and
+                         cases.json, the training run's record, when they exist
     <name>/scripts/      brats_pipeline/ and custom_networks/, copied from this repository
     <name>/LICENSE
     <name>/large_files.json  only when a weight file is too big to ship inside the zip
@@ -20,10 +22,23 @@ The bundle configs name our code by ``_target_`` only (never ``$import brats_pip
 (for ``verify_net_in_out``/``ckpt_export``, which skip ``initialize``). Both bundles ship the same two packages
 from the same commit, so loading both in one process resolves to one copy of identical code.
 
+Weights and their settings travel together. The weights are ``--weights FILE`` or the bundle's ``models/model.pt``;
+``model_settings.json`` (:mod:`brats_pipeline.model_settings`) is the one next to them (or ``--settings FILE``). Its
+values become the packaged configs' defaults: every top-level key of ``configs/*.json`` that the settings name and
+that holds a plain value (``network_width``, ``include_rc``, ``roi_size``, ``brain_crop_*``), the ``default`` of a
+``trained_setting`` component, and the plain arguments of ``network_def``. So a bundle trained with
+``--network_width 8`` unpacks into configs that say 8 (``monai.bundle.load`` of ``train.json`` included), and its
+``inference.json`` also reads ``models/model_settings.json`` itself. Weights without a settings file (trained before
+it existed) keep the configs as they are, with a warning. Without any weights the packager refuses, unless
+``allow_no_weights`` (then it warns that the zip holds no weights). Training leftovers never travel: ``eval/``,
+``logs/``, the persistent ``cache/``, and ``models/*_checkpoint_epoch=N.pt`` (resume checkpoints).
+
 Command line::
 
     python -m brats_pipeline.bundle_packaging bundles/espnet3d --output_dir dist
     python -m brats_pipeline.bundle_packaging bundles/segresnet_vae --weights_url https://host/segresnet_vae/model.pt
+    python -m brats_pipeline.bundle_packaging bundles/espnet3d --weights runs/width8/models/model.pt
+    python -m brats_pipeline.bundle_packaging bundles/espnet3d --allow_no_weights True   # configs and code only
 """
 
 from __future__ import annotations
@@ -32,11 +47,15 @@ import hashlib
 import json
 import logging
 import os
+import re
+import sys
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from brats_pipeline.atomic_files import atomic_write
+from brats_pipeline.model_settings import SETTINGS_NAME, ModelSettingsError, read_model_settings
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +75,16 @@ REQUIRED_FILES = (
 )
 #: our packages that the configs name by ``_target_``; copied under ``scripts/``
 VENDORED_PACKAGES = ("brats_pipeline", "custom_networks")
-#: folders of a working bundle that never travel (training outputs, logs)
-SKIPPED_FOLDERS = ("eval", "logs", "runs", "__pycache__")
+#: folders of a working bundle that never travel (training outputs, logs, the persistent data cache)
+SKIPPED_FOLDERS = ("eval", "logs", "runs", "cache", "__pycache__")
+#: files of a working bundle that never travel: the resume checkpoints a training run leaves in ``models/``
+SKIPPED_FILES = re.compile(r".*_checkpoint_(epoch|iteration)=\d+\.pt")
+WEIGHTS = "models/model.pt"
+SETTINGS = f"models/{SETTINGS_NAME}"
+#: the training run's record of its cases (:class:`~brats_pipeline.protocols.CaseRecord`); travels with its weights
+CASE_RECORD = "models/cases.json"
+#: ``_target_`` of the config component that reads a trained setting
+TRAINED_SETTING_TARGET = "brats_pipeline.model_settings.trained_setting"
 LARGE_FILES_NAME = "large_files.json"
 #: every name ``download_large_files`` reads (it reads them all): a stale one in a bundle folder never travels
 LARGE_FILES_NAMES = (LARGE_FILES_NAME, "large_files.yml", "large_files.yaml")
@@ -108,7 +135,11 @@ def _sha256(path: Path) -> str:
 def _bundle_files(bundle_dir: Path) -> Iterator[Path]:
     for path in sorted(bundle_dir.rglob("*")):
         rel = path.relative_to(bundle_dir)
-        if path.is_file() and not any(part in SKIPPED_FOLDERS or part.startswith(".") for part in rel.parts):
+        if (
+            path.is_file()
+            and not any(part in SKIPPED_FOLDERS or part.startswith(".") for part in rel.parts)
+            and not SKIPPED_FILES.fullmatch(path.name)
+        ):
             yield path
 
 
@@ -118,6 +149,66 @@ def _package_files(package: str) -> Iterator[tuple[Path, str]]:
     for path in sorted(root.rglob("*.py")):
         if "__pycache__" not in path.parts:
             yield path, f"scripts/{package}/{path.relative_to(root).as_posix()}"
+
+
+def _is_plain(value: Any) -> bool:
+    """A literal config value (not a ``$`` expression, ``@`` reference, ``%`` macro or component)."""
+    if isinstance(value, str):
+        return not value.startswith(("$", "@", "%"))
+    if isinstance(value, list):
+        return all(_is_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float))
+
+
+def apply_trained_settings(config: dict[str, Any], settings: Mapping[str, Any]) -> list[str]:
+    """Make the trained values ``config``'s defaults, in place; return the ids changed (``network_width``,
+    ``network_def#init_filters``, ``sw_roi_size#default`` ...).
+
+    Changed: a top-level key named in ``settings`` that holds a plain value; the ``default`` of a top-level
+    :func:`~brats_pipeline.model_settings.trained_setting` component (whatever its id; its ``key`` names the setting);
+    a plain argument of ``network_def`` that the trained ``network_def`` has. References, expressions and other
+    components are left alone (they follow the keys they name).
+    """
+    changed: list[str] = []
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            if value.get("_target_") == TRAINED_SETTING_TARGET and value.get("key") in settings:
+                trained = settings[value["key"]]
+                if "default" in value and _is_plain(value["default"]) and value["default"] != trained:
+                    value["default"] = trained  # type: ignore[index]
+                    changed.append(f"{key}#default")
+            continue
+        if key in settings and key != "network_def" and _is_plain(value) and value != settings[key]:
+            config[key] = settings[key]
+            changed.append(key)
+    network, trained_network = config.get("network_def"), settings.get("network_def")
+    if isinstance(network, dict) and isinstance(trained_network, Mapping):
+        for arg, value in network.items():
+            if arg.startswith("_") or arg not in trained_network or not _is_plain(value):
+                continue
+            if value != trained_network[arg]:
+                network[arg] = trained_network[arg]
+                changed.append(f"network_def#{arg}")
+    return changed
+
+
+def _packaged_configs(bundle_dir: Path, settings: Mapping[str, Any]) -> dict[str, str]:
+    """``{"configs/x.json": new text}`` for the config files whose defaults the trained settings change."""
+    texts: dict[str, str] = {}
+    for path in sorted((bundle_dir / "configs").glob("*.json")):
+        if path.name == "metadata.json":
+            continue
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise BundlePackagingError(f"{path}: not valid JSON ({err})") from err
+        if not isinstance(config, dict):
+            continue
+        changed = apply_trained_settings(config, settings)
+        if changed:
+            texts[f"configs/{path.name}"] = json.dumps(config, indent=4) + "\n"
+            logger.info("configs/%s: trained values for %s", path.name, ", ".join(changed))
+    return texts
 
 
 def _large_files_json(entries: list[dict[str, str]]) -> str:
@@ -132,21 +223,29 @@ def package_bundle(
     weights: str | os.PathLike | None = None,
     weights_url: str | None = None,
     max_file_mb: float = MAX_FILE_MB,
+    settings: str | os.PathLike | None = None,
+    allow_no_weights: bool = False,
 ) -> Path:
     """Write ``<output_dir>/<name>_v<version>.zip`` for the bundle at ``bundle_dir``; return its path.
 
     Args:
         bundle_dir: a bundle folder (``bundles/espnet3d``): its configs, docs, LICENSE and ``models/`` travel.
         output_dir: where the zip is written (atomically: a half-written zip never carries the final name).
-        weights: a checkpoint to ship as ``models/model.pt`` instead of the bundle's own (e.g. a training run's).
+        weights: a checkpoint to ship as ``models/model.pt`` instead of the bundle's own (e.g. a training run's
+            ``models/model.pt``); the ``model_settings.json`` and ``cases.json`` next to it travel with it (the
+            bundle's own are then left out).
         weights_url: where a ``models/`` file bigger than ``max_file_mb`` can be downloaded; written to
             ``large_files.json`` with its SHA-256 so ``python -m monai.bundle download_large_files`` fetches and
             checks it. Required when such a file exists.
         max_file_mb: size limit for a file inside the zip (the Model Zoo's 25 MB).
+        settings: the ``model_settings.json`` of the weights (default: the one next to them); its values become
+            the packaged configs' defaults (:func:`apply_trained_settings`).
+        allow_no_weights: package a bundle that has no weights (configs and code only) instead of refusing.
 
     Raises:
-        BundlePackagingError: metadata without its version in the changelog, a missing required file, or a
-            large weight file with no ``weights_url``.
+        BundlePackagingError: metadata without its version in the changelog, a missing required file, no weights
+            (without ``allow_no_weights``), missing or unreadable weights/settings files, or a large weight file
+            with no ``weights_url``.
     """
     bundle_dir = Path(bundle_dir).resolve()
     meta = bundle_metadata(bundle_dir)
@@ -161,8 +260,47 @@ def package_bundle(
         if p.name not in LARGE_FILES_NAMES and p.name != ".gitkeep"
     ]
     if weights is not None:
-        members = [(p, rel) for p, rel in members if rel != "models/model.pt"]
-        members.append((Path(weights).resolve(), "models/model.pt"))
+        weights = Path(weights).resolve()
+        if not weights.is_file():
+            raise BundlePackagingError(f"--weights {weights}: no such file")
+        # the weights come with their own run's records; the bundle's (from another run) stay behind
+        members = [(p, rel) for p, rel in members if rel not in (WEIGHTS, SETTINGS, CASE_RECORD)]
+        members.append((weights, WEIGHTS))
+        cases = weights.parent / Path(CASE_RECORD).name
+        if cases.is_file():
+            members.append((cases, CASE_RECORD))
+        settings_file = weights.parent / SETTINGS_NAME
+    else:
+        settings_file = bundle_dir / SETTINGS
+    has_weights = any(rel == WEIGHTS for _, rel in members)
+    if not has_weights:
+        members = [(p, rel) for p, rel in members if rel not in (SETTINGS, CASE_RECORD)]  # records of no weights
+        if not allow_no_weights:
+            raise BundlePackagingError(
+                f"{bundle_dir}: no weights to package ({WEIGHTS} does not exist); train the bundle, pass --weights "
+                "FILE, or pass --allow_no_weights True for a zip of configs and code only"
+            )
+    if settings is not None:
+        settings_file = Path(settings).resolve()
+        if not settings_file.is_file():
+            raise BundlePackagingError(f"--settings {settings_file}: no such file")
+    trained: dict[str, Any] | None = None
+    if has_weights:
+        members = [(p, rel) for p, rel in members if rel != SETTINGS]
+        try:
+            trained = read_model_settings(settings_file) if settings_file.is_file() else None
+        except ModelSettingsError as err:
+            raise BundlePackagingError(str(err)) from err
+        if trained is not None:
+            members.append((settings_file, SETTINGS))
+        else:
+            logger.warning(
+                "warning: no %s next to the weights (%s): the packaged configs keep their defaults "
+                "(network_width, include_rc, ...); a model trained with other values will not load from them",
+                SETTINGS_NAME,
+                settings_file.parent,
+            )
+    config_texts = _packaged_configs(bundle_dir, trained) if trained is not None else {}
     for package in VENDORED_PACKAGES:
         members.extend(_package_files(package))
 
@@ -183,10 +321,23 @@ def package_bundle(
     target = Path(output_dir) / f"{name}_v{version}.zip"
     with atomic_write(target, "wb") as f, zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for path, rel in shipped:
-            zf.write(path, f"{name}/{rel}")
+            if rel in config_texts:
+                zf.writestr(f"{name}/{rel}", config_texts[rel])
+            else:
+                zf.write(path, f"{name}/{rel}")
         if large:
             zf.writestr(f"{name}/{LARGE_FILES_NAME}", _large_files_json(large))
     logger.info("wrote %s (%d files; %d in %s)", target, len(shipped), len(large), LARGE_FILES_NAME)
+    if trained is not None:
+        shown = {k: trained[k] for k in ("network_width", "include_rc", "roi_size", "label_convention") if k in trained}
+        logger.info("trained settings packaged (%s): %s", SETTINGS, ", ".join(f"{k} {v}" for k, v in shown.items()))
+    if not has_weights:
+        logger.warning(
+            "WARNING: %s HAS NO WEIGHTS (no %s): it holds configs and code only; put a trained model.pt into "
+            "<bundle>/models/ after downloading, or package again with --weights",
+            target,
+            WEIGHTS,
+        )
     return target
 
 
@@ -196,14 +347,32 @@ def main(
     weights: str | None = None,
     weights_url: str | None = None,
     max_file_mb: float = MAX_FILE_MB,
+    settings: str | None = None,
+    allow_no_weights: bool = False,
 ) -> str:
     """Command-line entry: the path of the written zip (python-fire prints it)."""
+    if not isinstance(allow_no_weights, bool):  # python-fire reads "--allow_no_weights true" as the string 'true'
+        raise BundlePackagingError(
+            f"--allow_no_weights {allow_no_weights} is not a boolean; write --allow_no_weights True or "
+            "--allow_no_weights False (python-fire turns only True/False into booleans)"
+        )
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    path = package_bundle(bundle_dir, output_dir, weights=weights, weights_url=weights_url, max_file_mb=max_file_mb)
+    path = package_bundle(
+        bundle_dir,
+        output_dir,
+        weights=weights,
+        weights_url=weights_url,
+        max_file_mb=max_file_mb,
+        settings=settings,
+        allow_no_weights=allow_no_weights,
+    )
     return str(path)
 
 
 if __name__ == "__main__":
     import fire
 
-    fire.Fire(main)
+    try:
+        fire.Fire(main)
+    except BundlePackagingError as e:  # a bundle or argument that cannot be packaged: one line, status 1
+        sys.exit(f"error: {e}")

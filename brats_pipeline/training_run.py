@@ -17,6 +17,8 @@ atomic last checkpoint     :class:`~brats_pipeline.checkpointing.AtomicCheckpoin
 atomic ``model.pt``        best key metric: ``AtomicCheckpointSaver(save_key_metric=True)``  0
                            on the evaluator; ``keep_model="final"``: :class:`FinalModelSaver`
 record of the cases        :class:`~brats_pipeline.protocols.CaseRecord` (``models/cases.json``) 0
+how the model was built    :class:`~brats_pipeline.model_settings.ModelSettingsRecord`       0
+                           (``models/model_settings.json``, from ``settings``)
 loss and metric logs       MONAI ``StatsHandler`` on both engines                           0
 TensorBoard                MONAI ``TensorBoardStatsHandler`` (``tensorboard=False``: off)   0
 progress bar               Ignite ``ProgressBar`` (``progress=False``: off)                 0
@@ -48,6 +50,7 @@ from brats_pipeline.checkpointing import (
     RNGStates,
     is_main_process,
 )
+from brats_pipeline.model_settings import ModelSettingsRecord
 from brats_pipeline.protocols import CaseRecord, FinalModelSaver
 from brats_pipeline.training_guards import NonFiniteLossGuard, check_label_files
 
@@ -88,6 +91,10 @@ class TrainingRun:
         tensorboard: write TensorBoard event files.
         progress: show a progress bar per epoch.
         save_interval: epochs between two ``last`` checkpoints.
+        settings: what the model needs to be rebuilt (network arguments, width, crop, normalisation, label
+            convention, ``include_rc``; the channel order is added), written to ``models/model_settings.json`` next to
+            ``model.pt`` when training starts; ``inference.json`` and ``evaluate.json`` read it
+            (:mod:`brats_pipeline.model_settings`). ``None``: no file.
     """
 
     def __init__(
@@ -112,6 +119,7 @@ class TrainingRun:
         tensorboard: bool = True,
         progress: bool = True,
         save_interval: int = 1,
+        settings: Mapping[str, Any] | None = None,
     ) -> None:
         for name, value in (("resume", resume), ("check_labels", check_labels), ("tensorboard", tensorboard)):
             if not isinstance(value, bool):
@@ -138,6 +146,7 @@ class TrainingRun:
             if train_items is not None
             else None
         )
+        self.settings_record = ModelSettingsRecord(self.ckpt_dir, settings) if settings is not None else None
         self.best_checkpoint = AtomicCheckpointSaver(
             save_dir=self.ckpt_dir,
             save_dict={"model": weights},
@@ -200,6 +209,8 @@ class TrainingRun:
             evaluator += [_RecordBestMetrics(self)]
             if self.case_record is not None:
                 trainer += [self.case_record]
+            if self.settings_record is not None:
+                trainer += [self.settings_record]
         return {"trainer": trainer, "evaluator": evaluator}
 
     def attach(self) -> None:

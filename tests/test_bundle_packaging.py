@@ -6,6 +6,11 @@ URL standing in for the host). Then, in a fresh folder and through ``tests/fresh
 PyYAML, which the requirements do not declare, not importable), it runs the commands a user would:
 ``monai.bundle download``, ``download_large_files``, ``monai.bundle run`` on a synthetic case, and
 ``monai.bundle.load`` of both bundles in one process. A quick test runs ``download_large_files`` alone.
+
+Weights and their settings travel together: a bundle without weights is refused (one line on the command line) unless
+``--allow_no_weights True``, which says so loudly; ``models/model_settings.json`` next to the weights goes into the
+zip and its values become the packaged configs' defaults; training leftovers (resume checkpoints, the persistent
+cache) stay behind. ``tests/test_model_settings.py`` packages a really trained bundle and runs it from the zip.
 """
 
 from __future__ import annotations
@@ -30,10 +35,12 @@ from brats_pipeline.bundle_packaging import (
     LARGE_FILES_NAME,
     REQUIRED_FILES,
     BundlePackagingError,
+    apply_trained_settings,
     bundle_metadata,
     missing_required_files,
     package_bundle,
 )
+from brats_pipeline.model_settings import SETTINGS_NAME
 from brats_pipeline.synthetic import generate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,7 +153,7 @@ def test_large_files_download_without_pyyaml(tmp_path):
 
 
 def test_zip_layout(tmp_path):
-    zip_path = package_bundle(BUNDLES["espnet3d"], tmp_path)
+    zip_path = package_bundle(BUNDLES["espnet3d"], tmp_path, allow_no_weights=True)
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(zip_path.stat().st_mode) == 0o666 & ~umask  # as open() would make it, not mkstemp's 0600
@@ -160,6 +167,147 @@ def test_zip_layout(tmp_path):
     assert "espnet3d/scripts/brats_pipeline/labels.py" in names
     assert all(n.startswith("espnet3d/") for n in names)
     assert not any("__pycache__" in n or "/eval/" in n for n in names)
+
+
+def _packager(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "brats_pipeline.bundle_packaging", *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_no_weights_refused_in_one_line_unless_allowed(tmp_path):
+    bundle = _copy_bundle(tmp_path)
+    (bundle / "models" / SETTINGS_NAME).write_text(json.dumps({"network_width": 8}))  # settings of no weights
+    with pytest.raises(BundlePackagingError, match=r"no weights to package \(models/model\.pt does not exist\)"):
+        package_bundle(bundle, tmp_path / "dist")
+    refused = _packager(str(bundle), "--output_dir", "dist", cwd=tmp_path)
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert refused.stderr.splitlines() == [
+        f"error: {bundle}: no weights to package (models/model.pt does not exist); train the bundle, pass --weights "
+        "FILE, or pass --allow_no_weights True for a zip of configs and code only"
+    ]
+    assert not (tmp_path / "dist").exists()
+    text = _packager(str(bundle), "--output_dir", "dist", "--allow_no_weights", "true", cwd=tmp_path)
+    assert text.returncode == 1 and "--allow_no_weights true is not a boolean" in text.stderr
+    allowed = _packager(str(bundle), "--output_dir", "dist", "--allow_no_weights", "True", cwd=tmp_path)
+    assert allowed.returncode == 0, allowed.stderr
+    zip_name = f"dist/espnet3d_v{bundle_metadata(bundle)['version']}.zip"
+    assert allowed.stdout == zip_name + "\n"  # the path, as before: scripts read it
+    assert f"WARNING: {zip_name} HAS NO WEIGHTS (no models/model.pt)" in allowed.stderr
+    with zipfile.ZipFile(tmp_path / zip_name) as zf:
+        assert not [n for n in zf.namelist() if "/models/" in n]
+
+
+def test_settings_travel_with_the_weights_and_become_the_defaults(tmp_path):
+    bundle = _copy_bundle(tmp_path)
+    (bundle / "models" / SETTINGS_NAME).write_text(json.dumps({"network_width": 64}))  # another run's: stays behind
+    (bundle / "models" / "cases.json").write_text(json.dumps({"trained_on": ["other run"]}))
+    run = tmp_path / "run" / "models"
+    run.mkdir(parents=True)
+    (run / "model.pt").write_bytes(b"weights")
+    (run / "last_checkpoint_epoch=3.pt").write_bytes(b"resume state")
+    (run / "cases.json").write_text(json.dumps({"trained_on": ["BraTS-GLI-00001-000"]}))
+    trained = {
+        "format": 1,
+        "network_width": 8,
+        "include_rc": True,
+        "roi_size": [24, 24, 24],
+        "brain_crop_margin": 2,
+        "label_convention": "brats2023",
+        "network_def": {"_target_": "custom_networks.espnet3d.ESPNet3D", "in_channels": 4, "bn_momentum": 0.9},
+    }
+    (run / SETTINGS_NAME).write_text(json.dumps(trained))
+    (bundle / "cache").mkdir()
+    (bundle / "cache" / "case.pt").write_bytes(b"cached")
+    zip_path = package_bundle(bundle, tmp_path / "dist", weights=run / "model.pt")
+    with zipfile.ZipFile(zip_path) as zf:
+        names = set(zf.namelist())
+        train = json.loads(zf.read("espnet3d/configs/train.json"))
+        inference = json.loads(zf.read("espnet3d/configs/inference.json"))
+        assert json.loads(zf.read(f"espnet3d/models/{SETTINGS_NAME}")) == trained
+        assert json.loads(zf.read("espnet3d/models/cases.json")) == {"trained_on": ["BraTS-GLI-00001-000"]}
+        assert zf.read("espnet3d/models/model.pt") == b"weights"
+        untouched = zf.read("espnet3d/configs/multi_gpu_train.json")
+    assert {n for n in names if "/models/" in n} == {
+        f"espnet3d/models/{n}" for n in ("model.pt", SETTINGS_NAME, "cases.json")
+    }
+    assert not any("/cache/" in n for n in names)
+    assert untouched == (bundle / "configs" / "multi_gpu_train.json").read_bytes()  # nothing to change: as shipped
+    shipped_train = json.loads((bundle / "configs" / "train.json").read_text())
+    assert (train["network_width"], train["include_rc"], train["roi_size"], train["brain_crop_margin"]) == (
+        8, True, [24, 24, 24], 2,
+    )  # fmt: skip
+    assert train["network_def"]["bn_momentum"] == 0.9 and train["network_def"]["in_channels"] == 4
+    assert train["network_def"]["channels"] == shipped_train["network_def"]["channels"]  # an expression: follows width
+    assert train["label_convention"] == shipped_train["label_convention"]  # an expression: the dataset's
+    width = inference["network_width"]
+    assert (width["default"] if isinstance(width, dict) else width) == 8
+
+
+def test_settings_file_named_on_the_command_line(tmp_path):
+    bundle = _copy_bundle(tmp_path)
+    (bundle / "models" / "model.pt").write_bytes(b"weights")
+    (tmp_path / "w8.json").write_text(json.dumps({"network_width": 8}))
+    zip_path = package_bundle(bundle, tmp_path / "dist", settings=tmp_path / "w8.json")
+    with zipfile.ZipFile(zip_path) as zf:
+        assert json.loads(zf.read(f"espnet3d/models/{SETTINGS_NAME}")) == {"network_width": 8}
+        assert json.loads(zf.read("espnet3d/configs/train.json"))["network_width"] == 8
+    with pytest.raises(BundlePackagingError, match=r"--settings .*nothing\.json: no such file"):
+        package_bundle(bundle, tmp_path / "dist", settings=tmp_path / "nothing.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(BundlePackagingError, match=r"bad\.json: not valid JSON"):
+        package_bundle(bundle, tmp_path / "dist", settings=tmp_path / "bad.json")
+
+
+def test_weights_without_settings_keep_the_configs(tmp_path, caplog):
+    bundle = _copy_bundle(tmp_path)
+    (bundle / "models" / "model.pt").write_bytes(b"old weights")  # trained before model_settings.json existed
+    zip_path = package_bundle(bundle, tmp_path / "dist")
+    assert "no model_settings.json next to the weights" in caplog.text
+    with zipfile.ZipFile(zip_path) as zf:
+        assert zf.read("espnet3d/configs/train.json") == (bundle / "configs" / "train.json").read_bytes()
+        assert f"espnet3d/models/{SETTINGS_NAME}" not in zf.namelist()
+
+
+def test_apply_trained_settings():
+    config = {
+        "network_width": 32,
+        "include_rc": {
+            "_target_": "brats_pipeline.model_settings.trained_setting",
+            "key": "include_rc",
+            "default": False,
+        },
+        "sw_roi_size": {"_target_": "brats_pipeline.model_settings.trained_setting", "key": "roi_size", "default": [1]},
+        "brain_crop#margin": {
+            "_target_": "brats_pipeline.model_settings.trained_setting",
+            "key": "brain_crop_margin",
+            "default": "@brain_crop_margin",
+        },
+        "label_convention": "$@datalist['label_convention']",
+        "roi_size": "@other",
+        "network_def": {"_target_": "SegResNet", "init_filters": "@network_width", "blocks_down": [1, 2, 2, 4]},
+        "normalize_intensity": {"_target_": "ScaleIntensityd", "keys": "image"},
+    }
+    settings = {
+        "network_width": 8,
+        "include_rc": True,
+        "roi_size": [16, 16, 16],
+        "brain_crop_margin": 3,
+        "label_convention": "brats2021",
+        "network_def": {"_target_": "SegResNetVAE2018", "init_filters": 8, "blocks_down": [1, 1, 1, 1]},
+        "normalize_intensity": {"_target_": "NormalizeNonzeroIntensityd"},
+    }
+    before = json.loads(json.dumps(config))
+    changed = apply_trained_settings(config, settings)
+    assert changed == ["network_width", "include_rc#default", "sw_roi_size#default", "network_def#blocks_down"]
+    assert config["network_width"] == 8 and config["include_rc"]["default"] is True
+    assert config["sw_roi_size"]["default"] == [16, 16, 16]
+    assert config["network_def"] == {
+        "_target_": "SegResNet",
+        "init_filters": "@network_width",
+        "blocks_down": [1, 1, 1, 1],
+    }
+    for key in ("brain_crop#margin", "label_convention", "roi_size", "normalize_intensity"):
+        assert config[key] == before[key]
 
 
 def _default_width_weights(name: str, path: Path) -> torch.nn.Module:
