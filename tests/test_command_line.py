@@ -377,7 +377,7 @@ MISTAKES = {
     "label convention": (
         "train",
         ["--dataset_dir", "brats2018", "--num_folds", "2"],
-        ["_seg.nii.gz: label values {3}", "'brats2018' convention", "'label_convention'"],
+        ["_seg.nii.gz: label values {3}", "'brats2018' convention", "--label_convention"],
     ),
     "missing weights": ("inference", ["--dataset_dir", "brats2023"], ["models/model.pt does not exist"]),
     "width mismatch": (

@@ -61,6 +61,8 @@ PROGRESS_BAR = re.compile(r"^[^:]*: +\d+%\|")
 
 
 def _trained(key: str, default: Any) -> dict[str, Any]:
+    if isinstance(default, dict) and default.get("_target_") == "brats_pipeline.model_settings.trained_setting":
+        return default  # the shipped config is wired already
     return {
         "_target_": "brats_pipeline.model_settings.trained_setting",
         "_requires_": "@bundle_code",
