@@ -584,7 +584,9 @@ def test_inference_on_a_folder(runs: dict[str, BundleRun], work: Path):
     cases = sorted(p for p in (work / "to_segment").iterdir() if p.is_dir())
     out_dir = work / "deploy" / "eval" / "predictions"
     expected = [f"{c.name}{postfix}.nii.gz" for c in cases for postfix in ("", "_prob")]
-    assert sorted(p.name for p in out_dir.iterdir()) == sorted(expected)
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(
+        [*expected, "predictions.json"]
+    )  # + which model wrote them
     for case in cases:
         label = assert_label_map(out_dir / f"{case.name}.nii.gz", image_of(case))
         prob_file = nib.load(out_dir / f"{case.name}_prob.nii.gz")

@@ -375,7 +375,7 @@ def test_espnet_paper_protocol_epoch_is_three_resized_passes(synthetic_dataset, 
     ev.run()
     written = json.loads((tmp_path / "eval" / "evaluated_cases.json").read_text())
     assert written["held_out"] is False and "used for model selection" in written["warnings"][0]
-    assert len(list((tmp_path / "eval" / "predictions").glob("*.nii.gz"))) == 2
+    assert len(list((tmp_path / "eval" / "evaluation_predictions").glob("*.nii.gz"))) == 2
 
 
 @pytest.mark.slow
