@@ -47,11 +47,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ignite.engine import Engine, Events
-
-from brats_pipeline.atomic_files import write_json_atomic
 from brats_pipeline.command_line import CommandLineError, Override, parse_command_line
 from brats_pipeline.layouts import CHANNELS
+from brats_pipeline.protocols import StartRecord
 
 __all__ = [
     "SETTINGS_FORMAT",
@@ -121,7 +119,7 @@ def settings_record(settings: Mapping[str, Any]) -> dict[str, Any]:
     return record
 
 
-class ModelSettingsRecord:
+class ModelSettingsRecord(StartRecord):
     """Trainer handler: when training starts, write ``ckpt_dir/model_settings.json`` (rank 0, atomically).
 
     Args:
@@ -133,17 +131,6 @@ class ModelSettingsRecord:
     def __init__(self, ckpt_dir: str | os.PathLike, settings: Mapping[str, Any]) -> None:
         self.path = Path(ckpt_dir) / SETTINGS_NAME
         self.record = settings_record(settings)
-
-    def attach(self, engine: Engine) -> None:
-        if not engine.has_event_handler(self, Events.STARTED):
-            engine.add_event_handler(Events.STARTED, self)
-
-    def __call__(self, engine: Engine | None = None) -> Path:
-        from brats_pipeline.checkpointing import is_main_process
-
-        if is_main_process():
-            write_json_atomic(self.record, self.path)
-        return self.path
 
 
 def _config_resolver() -> Any:

@@ -280,7 +280,27 @@ def _case_ids(items: Sequence[Mapping[str, Any]] | None) -> list[str]:
     return sorted({entry_case_id(item) for item in items or () if isinstance(item, Mapping)})
 
 
-class CaseRecord:
+class StartRecord:
+    """Trainer handler: when training starts, write ``self.record`` as JSON to ``self.path`` (rank 0, atomically).
+
+    Subclasses set ``path`` and ``record``: :class:`CaseRecord` here, ``ModelSettingsRecord`` in
+    :mod:`brats_pipeline.model_settings`.
+    """
+
+    path: Path
+    record: dict[str, Any]
+
+    def attach(self, engine: Engine) -> None:
+        if not engine.has_event_handler(self, Events.STARTED):
+            engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine | None = None) -> Path:
+        if is_main_process():
+            write_json_atomic(self.record, self.path)
+        return self.path
+
+
+class CaseRecord(StartRecord):
     """Trainer handler: when training starts, write which cases it trains on and which choose the model.
 
     Writes ``ckpt_dir/cases.json`` (rank 0, atomically)::
@@ -319,15 +339,6 @@ class CaseRecord:
             "validated_on": _case_ids(val_files),
             **{k: v for k, v in (extra or {}).items()},
         }
-
-    def attach(self, engine: Engine) -> None:
-        if not engine.has_event_handler(self, Events.STARTED):
-            engine.add_event_handler(Events.STARTED, self)
-
-    def __call__(self, engine: Engine | None = None) -> Path:
-        if is_main_process():
-            write_json_atomic(self.record, self.path)
-        return self.path
 
 
 def read_case_record(path: str | os.PathLike | None) -> dict | None:
