@@ -437,8 +437,13 @@ def check_trained_settings(
         return
     problems: list[str] = []
     overrides = command_line_overrides(argv)
+    # the architecture's truth is whether model.pt fits the network: a width that differs from the recorded
+    # network_width but builds the trained shapes (the run overrode network_def#init_filters itself) is no conflict
+    fits = network is not None and _checkpoint_problem(network, model, settings, values or {}, where) is None
     for key, value in (values or {}).items():
         key = key.replace("#", "::")
+        if key == "network_width" and fits:
+            continue
         if key in overrides and key in settings and not _same(value, settings[key]):
             flag = overrides[key].flag
             problems.append(

@@ -90,7 +90,12 @@ def trained(tmp_path_factory, synthetic_dataset) -> dict:
 
 def test_training_command_line(trained):
     models = sorted(p.name for p in (trained["root"] / "models").iterdir())
-    assert models == ["cases.json", "last_checkpoint_epoch=1.pt", "model.pt"]  # --epochs 1 replaced the overlay's 2
+    assert models == [
+        "cases.json",
+        "last_checkpoint_epoch=1.pt",
+        "model.pt",
+        "model_settings.json",
+    ]  # --epochs 1 replaced the overlay's 2
     for metric in ("val_mean_dice", "val_tc_dice", "val_wt_dice", "val_et_dice"):
         assert metric in trained["log"]
     state = torch.load(trained["root"] / "models" / "model.pt", weights_only=True)

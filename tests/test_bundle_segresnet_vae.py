@@ -465,7 +465,12 @@ def test_verify_net_in_out(n, width):
 def test_training_checkpoints(runs: dict[str, BundleRun], work: Path):
     runs["train"].check()
     models = work / "trained" / "models"
-    assert sorted(p.name for p in models.iterdir()) == ["cases.json", f"last_checkpoint_epoch={EPOCHS}.pt", "model.pt"]
+    assert sorted(p.name for p in models.iterdir()) == [
+        "cases.json",
+        f"last_checkpoint_epoch={EPOCHS}.pt",
+        "model.pt",
+        "model_settings.json",
+    ]
 
     # model.pt: segmentation weights only, strict into a plain MONAI SegResNet; the command line's width 8 won over
     # the overlay's 16
@@ -527,6 +532,7 @@ def test_run_id_from_inside_the_bundle_folder(runs: dict[str, BundleRun], work: 
         "cases.json",
         "last_checkpoint_epoch=1.pt",
         "model.pt",
+        "model_settings.json",
     ]
     best = torch.load(root / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert best["convInit.conv.weight"].shape[0] == WIDTH

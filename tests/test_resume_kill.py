@@ -111,8 +111,10 @@ def test_sigkill_mid_epoch_then_resume(bundle, dataset, tmp_path):
     first_log = "".join(seen)
     assert first.returncode == -signal.SIGKILL, first_log[-3000:]
     saved = sorted(p.name for p in (run_root / "models").iterdir())
-    assert saved == ["cases.json", f"last_checkpoint_epoch={KILL_EPOCH - 1}.pt", "model.pt"], saved
-    before_kill = torch.load(run_root / "models" / saved[1], weights_only=True)
+    assert saved == ["cases.json", f"last_checkpoint_epoch={KILL_EPOCH - 1}.pt", "model.pt", "model_settings.json"], (
+        saved
+    )
+    before_kill = torch.load(run_root / "models" / saved[1], weights_only=True)  # last_checkpoint_epoch=2.pt
     assert set(before_kill) == {"model", "optimizer", "lr_scheduler", "trainer", "rng", "best", "scaler"}
     assert 1 <= before_kill["best"]["best_metric_epoch"] < KILL_EPOCH
 
@@ -157,7 +159,12 @@ def test_sigkill_mid_epoch_then_resume(bundle, dataset, tmp_path):
     run_best = torch.load(run_root / "models" / "model.pt", weights_only=True)
     assert ref_best.keys() == run_best.keys()
     assert all(torch.equal(run_best[k], v) for k, v in ref_best.items())
-    assert sorted(p.name for p in (run_root / "models").iterdir()) == ["cases.json", last, "model.pt"]
+    assert sorted(p.name for p in (run_root / "models").iterdir()) == [
+        "cases.json",
+        last,
+        "model.pt",
+        "model_settings.json",
+    ]
     cached = sorted(p.name for p in (run_root / "cache").iterdir())
     assert len(cached) == 4 and all(n.endswith(".pt") for n in cached), cached  # one entry per case, no temp file
     assert cached == sorted(p.name for p in (ref_root / "cache").iterdir())
