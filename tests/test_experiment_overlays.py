@@ -27,7 +27,7 @@ import re
 import shlex
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import fire
@@ -148,11 +148,12 @@ def causes(exc: BaseException) -> Iterator[BaseException]:
         exc = exc.__cause__ or exc.__context__
 
 
-def save_random_weights(bundle: str, bundle_root: Path, names: list[str]) -> list[Path]:
-    """Untrained weights of the bundle's inference network (at the test width), one seed per file."""
+def save_random_weights(bundle: str, bundle_root: Path, names: list[str], overlays: Sequence[str] = ()) -> list[Path]:
+    """Untrained weights of the bundle's inference network (at the test width, with ``overlays`` merged: e.g. one
+    more output channel with brats2024_labels.json), one seed per file."""
     paths = []
     for seed, name in enumerate(names):
-        wf = workflow(bundle, [], bundle_root, bundle_root, workflow_type="inference")
+        wf = workflow(bundle, list(overlays), bundle_root, bundle_root, workflow_type="inference")
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             net = parsed(wf, "network_def")
@@ -311,7 +312,7 @@ def test_overlay_parses(overlay, bundle, base, synthetic_dataset, msd_dataset, t
     dataset = msd_dataset if overlay == "msd_task01.json" else synthetic_dataset
     keep = ("roi_size",) if overlay in CROP_OVERLAYS else ()
     if kind == "inference":
-        save_random_weights(bundle, tmp_path, ["models/model.pt", "models/ensemble/member_1.pt"])
+        save_random_weights(bundle, tmp_path, ["models/model.pt", "models/ensemble/member_1.pt"], [overlay])
         dataset = synthetic_dataset / "BraTS-GLI-00005-000"
     wf = workflow(bundle, [overlay], tmp_path, dataset, workflow_type=kind, keep=keep)
     assert wf.check_properties() == []
