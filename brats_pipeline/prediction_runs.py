@@ -11,6 +11,7 @@ enhancing-tumor value of the written maps.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
@@ -72,8 +73,6 @@ class ExistingPredictions:
 
     def record(self) -> dict[str, Any]:
         """``predictions.json`` as it is on disk (``{"cases": {case_id: {"model": {...}}}}``), or empty."""
-        import json
-
         path = self.prediction_dir / RECORD_NAME
         try:
             return json.loads(path.read_text())
@@ -105,7 +104,9 @@ class ExistingPredictions:
 
     def written(self, case_ids: Iterable[str]) -> list[str]:
         """The cases of ``case_ids`` whose output was written by this run."""
-        return [c for c in case_ids if self.output_of(c).is_file() and self.output_of(c).stat().st_mtime >= self.started]
+        return [
+            c for c in case_ids if self.output_of(c).is_file() and self.output_of(c).stat().st_mtime >= self.started
+        ]
 
     def update_record(self, written: Sequence[str]) -> None:
         """Add this run's model to ``predictions.json`` for the ``written`` cases."""

@@ -192,7 +192,9 @@ def check_label_files(
     """
     paths = _label_paths(items, label_key, base_dir)
     logger = logging.getLogger(__name__)
-    bar = tqdm(total=len(paths), desc="checking label files", unit="file", disable=not progress or not sys.stderr.isatty())
+    bar = tqdm(
+        total=len(paths), desc="checking label files", unit="file", disable=not progress or not sys.stderr.isatty()
+    )
     try:
         if num_workers > 0:
             pool = ThreadPoolExecutor(num_workers)

@@ -39,7 +39,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
+from ignite.handlers import ProgressBar
 from monai.handlers import StatsHandler, TensorBoardStatsHandler
 
 from brats_pipeline.checkpointing import (
@@ -84,7 +85,7 @@ class TrainingRun:
         record_extra: more entries for ``models/cases.json`` (dataset folder, fold, seed ...).
         resume: continue from the latest ``last`` checkpoint in ``ckpt_dir`` (config key ``resume``).
         check_labels: check every label file's values before training (config key ``check_labels``).
-        label_items: datalist entries whose ``label`` files are checked.
+        label_items: datalist entries whose ``label`` files are checked; ``None``: ``train_items`` + ``val_items``.
         label_convention: the dataset's label convention (``brats2018``, ``brats2023``, ...).
         loss: the loss module; when it has ``last_terms`` (a ``{name: float}`` of its terms), each term is logged to
             TensorBoard as ``loss_<name>`` per iteration.
@@ -113,7 +114,7 @@ class TrainingRun:
         record_extra: Mapping[str, Any] | None = None,
         resume: bool = False,
         check_labels: bool = True,
-        label_items: Iterable[Mapping[str, Any]] = (),
+        label_items: Iterable[Mapping[str, Any]] | None = None,
         label_convention: str | None = None,
         loss: Any = None,
         tensorboard: bool = True,
@@ -130,7 +131,7 @@ class TrainingRun:
         self.ckpt_dir = str(ckpt_dir)
         self.log_dir = str(log_dir)
         self.check_labels = check_labels
-        self.label_items = list(label_items)
+        self.label_items = list(label_items) if label_items is not None else [*(train_items or ()), *(val_items or ())]
         self.label_convention = label_convention
         self.loss = loss
         self.tensorboard = tensorboard
@@ -198,8 +199,6 @@ class TrainingRun:
                     ]
                 evaluator += [TensorBoardStatsHandler(log_dir=self.log_dir, iteration_log=False)]
             if self.progress:
-                from ignite.handlers import ProgressBar
-
                 trainer += [ProgressBar(persist=True)]
             trainer += [self.last_checkpoint]
             if self.keep_model == "final":
@@ -278,8 +277,6 @@ class _RecordBestMetrics:
         self.run = run
 
     def attach(self, engine: Engine) -> None:
-        from ignite.engine import Events
-
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
