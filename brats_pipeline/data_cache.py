@@ -137,7 +137,8 @@ class PersistentCaseDataset(PersistentDataset):
         hashfile = self.cache_dir / f"{self.hash_func(item_transformed).decode('utf-8')}{self.transform_hash}.pt"
         if hashfile.is_file():
             try:
-                return torch.load(hashfile, weights_only=False)
+                # memory-mapped (copy-on-write): the crop reads only the pages it needs, without a first copy
+                return torch.load(hashfile, weights_only=False, mmap=True)
             except Exception as e:  # a truncated or foreign file: recompute it
                 logger.warning("cache entry %s unreadable (%s: %s): recomputing it", hashfile, type(e).__name__, e)
                 hashfile.unlink(missing_ok=True)

@@ -24,7 +24,7 @@ from monai.data import MetaTensor
 from monai.engines.utils import IterationEvents
 from tqdm import tqdm
 
-from brats_pipeline.labels import LabelConvention, check_label_values
+from brats_pipeline.labels import LabelConvention, check_label_values, distinct_values
 
 __all__ = ["NonFiniteLossError", "NonFiniteLossGuard", "batch_case_names", "label_values", "check_label_files"]
 
@@ -138,19 +138,9 @@ class NonFiniteLossGuard:
 
 
 def label_values(path: str | os.PathLike) -> np.ndarray:
-    """Sorted distinct voxel values of a NIfTI label file.
-
-    Integer files are read unscaled in their stored dtype. ``uint8`` (the BraTS format) is counted with
-    ``np.bincount`` over the non-zero voxels only (labels are mostly background: twice as fast as a bincount of the
-    whole volume, three times ``np.unique``); other dtypes go through ``np.unique``.
-    """
-    arr = np.asanyarray(nib.load(str(path)).dataobj)
-    if arr.dtype != np.uint8:
-        return np.unique(arr)
-    flat = arr.ravel()
-    foreground = flat[flat != 0]
-    values = np.flatnonzero(np.bincount(foreground, minlength=256)).astype(np.uint8)
-    return np.concatenate([np.zeros(1, np.uint8), values]) if foreground.size < flat.size else values
+    """Sorted distinct voxel values of a NIfTI label file, read unscaled in its stored dtype
+    (:func:`brats_pipeline.labels.distinct_values`)."""
+    return distinct_values(np.asanyarray(nib.load(str(path)).dataobj))
 
 
 def _label_paths(items: Iterable[Any], label_key: str, base_dir: str | os.PathLike | None) -> list[str]:

@@ -72,39 +72,49 @@ class RestoreFieldOfViewd(MapTransform):
     def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = self._restore(d[key], key)
+            d[key] = self.restore(d[key], key)
         return d
 
     @staticmethod
-    def _restore(img: NdarrayOrTensor, key: Hashable) -> MetaTensor:
-        ops = getattr(img, "applied_operations", None)
-        if not ops or ops[-1].get("class") != "CropForeground":
+    def restore(img: NdarrayOrTensor, key: Hashable) -> MetaTensor:
+        """``(C, *box)`` -> ``(C, *orig_size)``: the brain box zero-padded back into the whole volume."""
+        geometry = brain_box_geometry(img)
+        if geometry is None:
             raise ValueError(f"RestoreFieldOfViewd: the last operation applied to '{key}' is not a CropForeground crop")
-        op = ops[-1]
-        info = op.get("extra_info", {})
-        cropped = [int(c) for c in info["cropped"]]
-        padded = info.get("pad_info", {}).get("extra_info", {}).get("padded", ())
+        orig_size, offsets = geometry
         tensor = img.as_tensor()
-        # strip the k_divisible padding (channel axis first in ``padded``)
-        spatial_pads = [tuple(int(v) for v in p) for p in list(padded)[1:]] if padded else []
-        index = [slice(None)]
-        for axis, (lo, hi) in enumerate(spatial_pads):
-            index.append(slice(lo, tensor.shape[axis + 1] - hi))
-        tensor = tensor[tuple(index)]
-        orig_size = [int(s) for s in op["orig_size"]]
         out = torch.zeros((tensor.shape[0], *orig_size), dtype=tensor.dtype)
-        place = [slice(None)] + [
-            slice(cropped[2 * i], orig_size[i] - cropped[2 * i + 1]) for i in range(len(orig_size))
-        ]
-        out[tuple(place)] = tensor
-        # voxel 0 of the cropped image is voxel (cropped_lo - pad_lo) of the original one
+        target, source = [slice(None)], [slice(None)]
+        for size, offset, box in zip(orig_size, offsets, tensor.shape[1:], strict=True):
+            lo, hi = max(offset, 0), min(offset + box, size)  # the box without its k_divisible padding
+            target.append(slice(lo, hi))
+            source.append(slice(lo - offset, hi - offset))
+        out[tuple(target)] = tensor[tuple(source)]
         shift = torch.eye(len(orig_size) + 1, dtype=torch.float64)
-        for i in range(len(orig_size)):
-            pad_lo = spatial_pads[i][0] if spatial_pads else 0
-            shift[i, -1] = -(cropped[2 * i] - pad_lo)
-        restored = MetaTensor(out, meta=dict(img.meta), applied_operations=list(ops[:-1]))
+        shift[:-1, -1] = -torch.tensor(offsets, dtype=torch.float64)  # voxel 0 of the box is voxel `offset`
+        restored = MetaTensor(out, meta=dict(img.meta), applied_operations=list(img.applied_operations[:-1]))
         restored.affine = torch.as_tensor(img.affine, dtype=torch.float64) @ shift
         return restored
+
+
+def brain_box_geometry(img: NdarrayOrTensor) -> tuple[list[int], list[int]] | None:
+    """``(whole volume's spatial size, the box's first voxel in it)`` from the ``CropForegroundd`` record of ``img``.
+
+    The record is the last of the MetaTensor's ``applied_operations``: its ``orig_size``, the ``cropped`` margins and
+    the ``k_divisible`` padding (``pad_info``), so the offset may be negative where the padding reaches outside the
+    volume. ``None`` if ``img`` has no such record (not cropped, or not a MetaTensor).
+    """
+    ops = getattr(img, "applied_operations", None)
+    if not ops or ops[-1].get("class") != "CropForeground":
+        return None
+    op = ops[-1]
+    info = op.get("extra_info", {})
+    cropped = [int(c) for c in info["cropped"]]
+    padded = info.get("pad_info", {}).get("extra_info", {}).get("padded", ())
+    spatial_pads = [tuple(int(v) for v in p) for p in list(padded)[1:]] if padded else []
+    orig_size = [int(s) for s in op["orig_size"]]
+    offsets = [cropped[2 * i] - (spatial_pads[i][0] if spatial_pads else 0) for i in range(len(orig_size))]
+    return orig_size, offsets
 
 
 class ThreadedNibabelReader(NibabelReader):
@@ -178,4 +188,10 @@ class NormalizeNonzeroIntensityd(MapTransform):
         return out if isinstance(img, torch.Tensor) else out.numpy()
 
 
-__all__ = ["NormalizeNonzeroIntensityd", "ReorderChannelsd", "RestoreFieldOfViewd", "ThreadedNibabelReader"]
+__all__ = [
+    "NormalizeNonzeroIntensityd",
+    "ReorderChannelsd",
+    "RestoreFieldOfViewd",
+    "ThreadedNibabelReader",
+    "brain_box_geometry",
+]
