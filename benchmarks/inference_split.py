@@ -11,11 +11,16 @@ add up), and groups them as
 * ``write``: ``SaveLabelMapd`` (the label map, gzip);
 * ``other``: the rest of the wall time (collation, engine).
 
+and, with ``--end-to-end``, runs each configuration a second time as shipped (its own ``num_workers``: the next
+case is read and pre-processed in a worker process while the network runs) and reports that wall time minus the
+network's time measured alone (the ``network`` column): what the whole pipeline adds to the network on this machine,
+contention for the cores included (``e2e outside``).
+
 ``--compare KEY=JSON`` adds a second configuration of the same bundle (the shipped file with that override), and
 ``--baseline-ref REF`` the bundle's ``inference.json`` as it was at git ``REF``; all run in the same process,
 alternately::
 
-    python benchmarks/inference_split.py --cases 3 --repeats 2 --baseline-ref b734885   # vs the 0.2.0 configs
+    python benchmarks/inference_split.py --cases 3 --repeats 2 --baseline-ref b734885 --end-to-end  # vs 0.2.0
 """
 
 from __future__ import annotations
@@ -38,11 +43,16 @@ WIDTH = {"segresnet_vae": 32, "espnet3d": 32}
 STAGE_OF = {"LoadImaged": "read", "SaveLabelMapd": "write", "SaveOverlayd": "write"}
 
 
-def build(bundle: str, root: Path, dataset: Path, overrides: dict[str, Any], config: Path | None = None):
+def build(
+    bundle: str, root: Path, dataset: Path, overrides: dict[str, Any], config: Path | None = None, shipped: bool = False
+):
+    """The bundle's inference workflow with random weights; ``num_workers`` 0 unless ``shipped``."""
     from brats_pipeline.workflows import bundle_workflow
 
     (root / "models").mkdir(parents=True, exist_ok=True)
-    values = {"network_width": WIDTH[bundle], "num_workers": 0, "overwrite": True, "progress": False, **overrides}
+    values = {"network_width": WIDTH[bundle], "overwrite": True, "progress": False, **overrides}
+    if not shipped:
+        values["num_workers"] = 0
     wf = bundle_workflow(
         bundle,
         config or "inference.json",
@@ -88,6 +98,14 @@ def instrument(wf, times: dict[str, float]) -> None:
     network.forward = timed_forward
 
 
+def run_end_to_end(wf) -> float:
+    """Wall seconds of one run of the workflow as configured."""
+    evaluator = wf.parser.get_parsed_content("evaluator")
+    start = time.perf_counter()
+    evaluator.run()
+    return time.perf_counter() - start
+
+
 def run_once(wf) -> dict[str, float]:
     times: dict[str, float] = defaultdict(float)
     if not getattr(wf, "_instrumented", None):
@@ -116,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--baseline-ref", default=None, help="git ref whose inference.json runs as a second configuration"
     )
+    parser.add_argument(
+        "--end-to-end", action="store_true", help="also run each configuration with its shipped num_workers"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     configs = {"shipped": {}}
@@ -131,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             work / "data", args.cases, layout="brats2023", shape=(240, 240, 155), seed=0, with_labels=False
         )
         for bundle in args.bundles:
-            workflows = {name: build(bundle, work / bundle / name, work / "data", o) for name, o in configs.items()}
+            setups = {name: (o, None) for name, o in configs.items()}
             if args.baseline_ref:
                 old = work / bundle / "baseline_config" / "inference.json"
                 old.parent.mkdir(parents=True)
@@ -145,16 +166,32 @@ def main(argv: list[str] | None = None) -> int:
                     ).stdout
                 )
                 width_key = {"segresnet_vae": "network_def#init_filters", "espnet3d": "network_width"}[bundle]
-                workflows[f"baseline {args.baseline_ref}"] = build(
-                    bundle, work / bundle / "baseline", work / "data", {width_key: WIDTH[bundle]}, config=old
-                )
-            for wf in workflows.values():  # warm-up
+                setups[f"baseline {args.baseline_ref}"] = ({width_key: WIDTH[bundle]}, old)
+            workflows = {
+                name: build(bundle, work / bundle / f"split {name}", work / "data", o, config=c)
+                for name, (o, c) in setups.items()
+            }
+            shipped = {
+                name: build(bundle, work / bundle / f"e2e {name}", work / "data", o, config=c, shipped=True)
+                for name, (o, c) in setups.items()
+                if args.end_to_end
+            }
+            for name, wf in workflows.items():  # warm-up
                 run_once(wf)
+                if name in shipped:
+                    run_end_to_end(shipped[name])
             for _ in range(args.repeats):  # alternate the configurations
                 for name, wf in workflows.items():
                     results[(bundle, name)].append(run_once(wf))
+                    if name in shipped:
+                        results[(bundle, name)][-1]["e2e_wall"] = run_end_to_end(shipped[name])
 
     stages = ("read", "pre", "network", "post", "write", "other", "outside_network", "wall")
+    if args.end_to_end:
+        for runs in results.values():
+            for r in runs:
+                r["e2e_outside"] = r["e2e_wall"] - r["network"]
+        stages += ("e2e_wall", "e2e_outside")
     print(
         f"\nSeconds per case ({args.cases} full-size cases, median of {args.repeats} alternating runs, "
         f"{args.threads} threads)\n"

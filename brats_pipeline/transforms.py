@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-from monai.config import KeysCollection, NdarrayOrTensor
+from monai.config import DtypeLike, KeysCollection, NdarrayOrTensor
 from monai.data import MetaTensor
 from monai.data.image_reader import NibabelReader
 from monai.transforms import MapTransform
@@ -121,25 +121,33 @@ class ThreadedNibabelReader(NibabelReader):
     """MONAI's ``NibabelReader`` that decompresses the files of one case (the four modalities) in parallel threads.
 
     ``LoadImaged`` reads a case's modalities one after the other; each ``.nii.gz`` is a gzip stream whose inflation
-    (zlib) releases the GIL, so threads overlap them. Same arrays and metadata as ``NibabelReader`` (the arrays are
-    only materialised earlier, in :meth:`read`).
+    (zlib) releases the GIL, so threads overlap them. Each thread also turns its array into the C-ordered ``dtype``
+    array that ``LoadImaged`` would otherwise make in the main thread (NIfTI arrays are Fortran-ordered; a copy per
+    modality, which numpy does without the GIL). Same arrays and metadata as ``NibabelReader`` followed by
+    ``LoadImaged(dtype=dtype)``; the arrays are only materialised earlier, in :meth:`read`.
 
     Args:
         num_threads: threads per case (at most one per file).
+        dtype: the type ``LoadImaged`` converts to (its default ``float32``); ``None`` keeps the stored type.
         kwargs: ``NibabelReader`` arguments.
     """
 
-    def __init__(self, num_threads: int = 4, **kwargs) -> None:
+    def __init__(self, num_threads: int = 4, dtype: DtypeLike | None = np.float32, **kwargs) -> None:
         super().__init__(**kwargs)
         self.num_threads = int(num_threads)
+        self.dtype = None if dtype is None else np.dtype(dtype)
         self._arrays: dict[int, np.ndarray] = {}
+
+    def _materialise(self, img) -> np.ndarray:
+        array = np.asanyarray(img.dataobj)
+        return np.asarray(array, dtype=self.dtype or array.dtype, order="C")
 
     def read(self, data, **kwargs):
         images = super().read(data, **kwargs)
         listed = list(images) if isinstance(images, (list, tuple)) else [images]
         if len(listed) > 1 and self.num_threads > 1:
             with ThreadPoolExecutor(min(self.num_threads, len(listed))) as pool:
-                arrays = list(pool.map(lambda img: np.asanyarray(img.dataobj), listed))
+                arrays = list(pool.map(self._materialise, listed))
             self._arrays = {id(img): arr for img, arr in zip(listed, arrays, strict=True)}
         return images
 
@@ -152,10 +160,10 @@ class NormalizeNonzeroIntensityd(MapTransform):
     """Z-score each channel over its non-zero voxels; zeros (background) stay 0. Myronenko 2018, Sec. 3.7.
 
     The same result as MONAI's ``NormalizeIntensityd(nonzero=True, channel_wise=True)`` (population standard
-    deviation; a constant channel is only shifted), computed with one pass of sums per channel (float64 accumulators)
-    instead of boolean gathering and scattering: about 0.3 s instead of 0.3-0.9 s for a 4 x 144 x 192 x 144 brain box
-    on one CPU core (MONAI's is slowest on the strided view a crop returns). Values agree with MONAI's to float32
-    rounding (tested).
+    deviation; a constant channel is only shifted), computed from per-channel sums (float64 accumulators) written
+    into one output tensor instead of boolean gathering and scattering: about 0.06 s for a 4 x 144 x 192 x 144 brain
+    box with two threads, where MONAI's takes 0.3-0.9 s on one core (slowest on the strided view a crop returns).
+    Values agree with MONAI's to float32 rounding (tested).
     """
 
     def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
@@ -170,19 +178,17 @@ class NormalizeNonzeroIntensityd(MapTransform):
     @staticmethod
     def normalize(img: NdarrayOrTensor) -> NdarrayOrTensor:
         """``(C, *spatial)`` -> float32 ``(C, *spatial)``, each channel's non-zero voxels z-scored."""
-        tensor = torch.as_tensor(img).float()
-        channels = []
-        for channel in tensor.reshape(tensor.shape[0], -1):
-            nonzero = channel != 0
-            count = int(nonzero.sum())
+        tensor = (img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)).float()
+        out = torch.empty(tensor.shape, dtype=torch.float32)
+        for channel, target in zip(tensor, out, strict=True):
+            count = int(torch.count_nonzero(channel))
             if count == 0:
-                channels.append(channel)
+                target.copy_(channel)
                 continue
             mean = channel.sum(dtype=torch.float64) / count
-            var = torch.clamp((channel * channel).sum(dtype=torch.float64) / count - mean * mean, min=0.0)
+            var = torch.clamp(channel.square().sum(dtype=torch.float64) / count - mean * mean, min=0.0)
             std = float(var.sqrt()) or 1.0
-            channels.append(torch.where(nonzero, (channel - float(mean)) / std, channel))
-        out = torch.stack(channels).reshape(tensor.shape)
+            torch.sub(channel, float(mean), out=target).div_(std).masked_fill_(channel == 0, 0.0)
         if isinstance(img, MetaTensor):
             return MetaTensor(out, meta=img.meta, applied_operations=img.applied_operations)
         return out if isinstance(img, torch.Tensor) else out.numpy()

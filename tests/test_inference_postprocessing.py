@@ -57,3 +57,23 @@ def test_threaded_reader_loads_what_monai_loads(synthetic_dataset):
     threaded = LoadImaged("image", image_only=True, reader=ThreadedNibabelReader())({"image": files})["image"]
     assert torch.equal(plain.as_tensor(), threaded.as_tensor())
     assert np.array_equal(plain.affine, threaded.affine) and plain.meta.keys() == threaded.meta.keys()
+
+
+def test_threaded_reader_converts_int16_files_as_loadimaged_does(synthetic_dataset, tmp_path):
+    """BraTS files are int16: the reader's threads return C-ordered float32 arrays equal to LoadImaged's conversion,
+    and ``dtype=None`` keeps the stored type."""
+    case = synthetic_dataset / "BraTS-GLI-00001-000"
+    files = []
+    for m in ("t1c", "t1n", "t2w", "t2f"):
+        img = nib.load(case / f"{case.name}-{m}.nii.gz")
+        data = np.round(np.asanyarray(img.dataobj) * 100).astype(np.int16)
+        out = nib.Nifti1Image(data, img.affine)
+        out.set_data_dtype(np.int16)
+        files.append(str(tmp_path / f"{m}.nii.gz"))
+        nib.save(out, files[-1])
+    plain = LoadImaged("image", image_only=True)({"image": files})["image"]
+    threaded = LoadImaged("image", image_only=True, reader=ThreadedNibabelReader())({"image": files})["image"]
+    assert threaded.dtype == torch.float32 and torch.equal(plain.as_tensor(), threaded.as_tensor())
+    stored = ThreadedNibabelReader(dtype=None)
+    arrays, _ = stored.get_data(stored.read(files))
+    assert arrays.dtype == np.int16 and np.array_equal(arrays.astype(np.float32), plain.numpy())
