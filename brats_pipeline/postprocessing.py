@@ -14,7 +14,8 @@ additions, kept as MONAI-style transforms so a config can switch them on:
 
 Both work on the discrete predictions of either bundle: nested regions ``(3, *spatial)`` in the order
 TC, WT, ET (segresnet_vae, after ``AsDiscreted(threshold=0.5)``), or a single-channel class/label map
-``(1, *spatial)`` (espnet3d, after ``AsDiscreted(argmax=True)``, or any map after ``ClassesToLabel``). Apply
+``(1, *spatial)`` (espnet3d, after ``ArgmaxClassesd`` or MONAI's ``AsDiscreted(argmax=True)``, or any map after
+``ClassesToLabel``). Apply
 them before or after ``Invertd``: the ``"ml"`` unit reads the voxel size from the MetaTensor's affine, which
 is right in either grid.
 """

@@ -117,3 +117,24 @@ def test_existing_conventions_unchanged():
     lab18 = np.where(lab18 == 3, 4, lab18)  # the same tumor in the 2018 convention
     np.testing.assert_array_equal(label_to_regions(lab18, "brats2018"), label_to_regions(lab, "brats2024"))
     assert label_to_classes(lab18, "brats2018").max() == 3
+
+
+def test_argmax_classes_equal_monai_asdiscreted_with_ties_and_channels_last():
+    """espnet3d's ``discretize``: the same float classes as MONAI's ``AsDiscreted(argmax=True)``, first maximum on
+    ties, for a contiguous and a channels-last (the CPU inferer's) layout, metadata kept."""
+    from monai.transforms import AsDiscreted
+
+    from brats_pipeline.labels import ArgmaxClassesd
+
+    probs = torch.rand(4, 12, 10, 8)
+    probs[:, :3] = 0.25  # every class tied
+    probs[1, 5:7] = probs[3, 5:7] = 2.0  # two classes tied
+    layouts = (probs, probs.unsqueeze(0).contiguous(memory_format=torch.channels_last_3d)[0])
+    for tensor in layouts:
+        img = MetaTensor(tensor, affine=torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0])))
+        ours = ArgmaxClassesd("pred")({"pred": img})["pred"]
+        theirs = AsDiscreted("pred", argmax=True)({"pred": img})["pred"]
+        assert ours.dtype == theirs.dtype == torch.float32 and ours.shape == (1, 12, 10, 8)
+        assert torch.equal(ours.as_tensor(), theirs.as_tensor())
+        assert torch.equal(ours.affine, img.affine)
+    assert set(ours[0, :3].unique().tolist()) == {0.0} and set(ours[0, 5:7].unique().tolist()) == {1.0}
