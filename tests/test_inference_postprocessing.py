@@ -57,6 +57,8 @@ def test_threaded_reader_loads_what_monai_loads(synthetic_dataset):
     threaded = LoadImaged("image", image_only=True, reader=ThreadedNibabelReader())({"image": files})["image"]
     assert torch.equal(plain.as_tensor(), threaded.as_tensor())
     assert np.array_equal(plain.affine, threaded.affine) and plain.meta.keys() == threaded.meta.keys()
+    for key in ("original_channel_dim", "filename_or_obj", "spatial_shape", "original_affine"):
+        assert np.array_equal(np.asarray(plain.meta[key]), np.asarray(threaded.meta[key])), key
 
 
 def test_threaded_reader_converts_int16_files_as_loadimaged_does(synthetic_dataset, tmp_path):
@@ -77,3 +79,14 @@ def test_threaded_reader_converts_int16_files_as_loadimaged_does(synthetic_datas
     stored = ThreadedNibabelReader(dtype=None)
     arrays, _ = stored.get_data(stored.read(files))
     assert arrays.dtype == np.int16 and np.array_equal(arrays.astype(np.float32), plain.numpy())
+
+
+def test_threaded_reader_names_the_file_whose_affine_differs(synthetic_dataset, tmp_path):
+    case = synthetic_dataset / "BraTS-GLI-00001-000"
+    files = [str(case / f"{case.name}-{m}.nii.gz") for m in ("t1c", "t1n", "t2w")]
+    img = nib.load(case / f"{case.name}-t2f.nii.gz")
+    shifted = img.affine.copy()
+    shifted[0, 3] += 5.0
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), shifted), tmp_path / "t2f.nii.gz")
+    with pytest.raises(RuntimeError, match="t2f.nii.gz: its affine differs"):
+        LoadImaged("image", image_only=True, reader=ThreadedNibabelReader())({"image": [*files, str(tmp_path / "t2f.nii.gz")]})
