@@ -491,3 +491,22 @@ def test_scale_of_wrong_rank_and_bad_mode_raise(image):
         BratsInferer(test_scales=[[16, 16]])(image, conv_net())
     with pytest.raises(ValueError, match="scale_mode"):
         BratsInferer(scale_mode="cubic")
+
+
+@pytest.mark.parametrize("bundle", ["segresnet_vae", "espnet3d"])
+def test_shipped_inference_workers_only_with_cuda(bundle, monkeypatch):
+    """inference.json's ``num_workers``: loader processes prefetch the next case while a GPU runs the network; without
+    CUDA the network uses every core and the workers only competed for them (docs/performance.md), so none."""
+    import json
+    import os
+    from pathlib import Path
+
+    from brats_pipeline.workflows import bundle_workflow
+
+    if not torch.cuda.is_available():
+        assert bundle_workflow(bundle, "inference.json").parser.get_parsed_content("num_workers") == 0
+    config = Path(__file__).resolve().parents[1] / "bundles" / bundle / "configs" / "inference.json"
+    expression = json.loads(config.read_text())["num_workers"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert eval(expression[1:], {"os": os, "torch": torch}) == 2  # the shipped expression on a GPU machine
