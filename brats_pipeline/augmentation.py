@@ -51,6 +51,23 @@ def _plain(img: NdarrayOrTensor) -> torch.Tensor:
     return img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
 
 
+def _pasted(source: torch.Tensor, target: Sequence[slice], shape: Sequence[int]) -> torch.Tensor:
+    """A tensor of ``shape`` holding ``source`` at ``target`` (one slice per axis) and zeros elsewhere; only the
+    margins around ``target`` are zeroed, not the whole tensor first."""
+    out = torch.empty(tuple(shape), dtype=source.dtype)
+    out[tuple(target)] = source
+    for axis, region in enumerate(target):
+        lo, hi = region.indices(shape[axis])[:2]
+        before, after = [slice(None)] * len(shape), [slice(None)] * len(shape)
+        before[axis], after[axis] = slice(0, lo), slice(hi, shape[axis])
+        for part in (before, after):
+            # the margin of this axis, within the target's extent on the axes handled before (zeroed already)
+            for prior in range(axis):
+                part[prior] = target[prior]
+            out[tuple(part)] = 0
+    return out
+
+
 def _symmetric_pad(size: int, roi: int) -> int:
     """Leading padding of MONAI ``SpatialPad(method="symmetric")`` from ``size`` to at least ``roi``."""
     return max(roi - size, 0) // 2
@@ -163,7 +180,6 @@ class RandCropFromBoxd(Randomizable, MapTransform):
         zoomed = self.zoomed_size(size)
         pads = [_symmetric_pad(z, r) for z, r in zip(zoomed, self.roi_size, strict=True)]
         if mode == "nearest":
-            out = torch.zeros((tensor.shape[0], *self.roi_size), dtype=tensor.dtype)
             target, indices = [slice(None)], []
             for axis, (n, z, r, c, p) in enumerate(zip(size, zoomed, self.roi_size, self.corner, pads, strict=True)):
                 lo, hi = max(p - c, 0), min(z + p - c, r)  # output voxels inside the zoomed volume
@@ -172,7 +188,7 @@ class RandCropFromBoxd(Randomizable, MapTransform):
             source = tensor
             for axis, index in enumerate(indices):
                 source = source.index_select(axis + 1, index)
-            out[tuple(target)] = source
+            out = _pasted(source, target, (tensor.shape[0], *self.roi_size))
             return _with_meta(out, img, self._voxel_map(size, zoomed, pads))
         zoomed_tensor = F.interpolate(
             tensor.to(torch.float32).unsqueeze(0),
@@ -207,8 +223,7 @@ class RandCropFromBoxd(Randomizable, MapTransform):
         if inside:  # no zeros to add: a view, as MONAI's crop returns
             out = tensor[tuple(source)]
         else:
-            out = torch.zeros((tensor.shape[0], *self.roi_size), dtype=tensor.dtype)
-            out[tuple(target)] = tensor[tuple(source)]
+            out = _pasted(tensor[tuple(source)], target, (tensor.shape[0], *self.roi_size))
         if zoomed_from is not None:
             voxel_map = self._voxel_map(zoomed_from, size, pads)
         else:

@@ -185,7 +185,9 @@ def label_to_regions(
     tc = (lab == conv.necrosis) | et
     wt = tc | (lab == conv.edema)
     channels = [tc, wt, et] + ([lab == conv.resection_cavity] if include_rc else [])
-    out = torch.stack(channels).float()
+    out = torch.empty((len(channels), *lab.shape), dtype=torch.float32, device=lab.device)
+    for target, channel in zip(out, channels, strict=True):
+        target.copy_(channel)  # bool -> float in one pass, without a stacked bool copy
     if isinstance(label, MetaTensor):
         out = MetaTensor(out, meta=label.meta, applied_operations=label.applied_operations)
     return out
