@@ -9,9 +9,11 @@ on full-size synthetic cases and reads every item in one process with one thread
 
 It prints cases/s per core, the ratio against ``nifti``, the workers needed to feed ``--cases-per-second`` (8: an
 H100 at the paper's crop) or one case per ``--step-time`` seconds, the cost of filling the cache and its size per
-case, as a Markdown table (and ``--json`` for a file). Run it on an idle machine::
+case, as a Markdown table (and ``--json`` for a file). ``--baseline-ref REF`` adds the NIfTI path of the bundle's
+``train.json`` at git ``REF`` (its transforms, no cache) as a row and a column of ratios. Run it on an idle
+machine::
 
-    python benchmarks/loader_throughput.py --cases 6 --epochs 2
+    python benchmarks/loader_throughput.py --cases 6 --epochs 3 --baseline-ref b734885
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,12 +41,13 @@ MODES = {
 }
 
 
-def train_dataset(bundle: str, dataset_dir: Path, root: Path, mode: str, overrides: dict):
+def train_dataset(bundle: str, dataset_dir: Path, root: Path, mode: str, overrides: dict, config: Path | None = None):
+    """``train#dataset`` of the bundle's ``train.json`` (or of ``config``, an older one) in ``mode``."""
     from brats_pipeline.workflows import bundle_workflow
 
     wf = bundle_workflow(
         bundle,
-        "train.json",
+        config or "train.json",
         bundle_root=str(root),
         dataset_dir=str(dataset_dir),
         num_folds=1,
@@ -56,6 +60,22 @@ def train_dataset(bundle: str, dataset_dir: Path, root: Path, mode: str, overrid
     return wf.parser.get_parsed_content("train#dataset")
 
 
+def baseline_config(bundle: str, ref: str, work: Path) -> Path:
+    """The bundle's ``train.json`` as it was at git ``ref``, written under ``work``."""
+    path = work / f"{bundle}_{ref}" / "train.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        subprocess.run(
+            ["git", "show", f"{ref}:bundles/{bundle}/configs/train.json"],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
+    return path
+
+
 def read_epoch(dataset) -> float:
     start = time.perf_counter()
     for i in range(len(dataset)):
@@ -64,10 +84,12 @@ def read_epoch(dataset) -> float:
     return time.perf_counter() - start
 
 
-def measure(bundle: str, dataset_dir: Path, work: Path, mode: str, epochs: int, overrides: dict) -> dict:
-    root = work / f"{bundle}_{mode}"
+def measure(
+    bundle: str, dataset_dir: Path, work: Path, mode: str, epochs: int, overrides: dict, config: Path | None = None
+) -> dict:
+    root = work / f"{bundle}_{mode}{'_baseline' if config else ''}"
     start = time.perf_counter()
-    dataset = train_dataset(bundle, dataset_dir, root, mode, overrides)
+    dataset = train_dataset(bundle, dataset_dir, root, mode, overrides, config)
     build = time.perf_counter() - start  # the in-memory cache fills here
     fill = read_epoch(dataset) if mode == "persistent" else None  # first epoch writes the entries
     times = [read_epoch(dataset) for _ in range(epochs)]
@@ -96,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="+", default=list(MODES))
     parser.add_argument("--override", nargs=2, action="append", default=[], metavar=("KEY", "JSON"))
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument(
+        "--baseline-ref",
+        default=None,
+        help="git ref whose train.json adds a 'nifti at REF' row per bundle (the NIfTI path of that version)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -111,21 +138,31 @@ def main(argv: list[str] | None = None) -> int:
         generate_dataset(work / "data", args.cases, layout="brats2023", shape=tuple(args.shape), seed=0)
         print(f"generated {args.cases} cases of {tuple(args.shape)} in {time.perf_counter() - t0:.1f} s", flush=True)
         for bundle in args.bundles:
+            if args.baseline_ref:
+                old = baseline_config(bundle, args.baseline_ref, work)
+                row = measure(bundle, work / "data", work, "nifti", args.epochs, overrides, old)
+                row["mode"] = f"nifti at {args.baseline_ref}"
+                rows.append(row)
+                print(f"  {bundle} {row['mode']}: {row['s_per_case']:.3f} s/case", flush=True)
             for mode in args.modes:
                 row = measure(bundle, work / "data", work, mode, args.epochs, overrides)
                 rows.append(row)
                 print(f"  {bundle} {mode}: {row['s_per_case']:.3f} s/case", flush=True)
 
     base = {r["bundle"]: r["s_per_case"] for r in rows if r["mode"] == "nifti"}
+    old_base = {r["bundle"]: r["s_per_case"] for r in rows if r["mode"].startswith("nifti at ")}
     print(
         f"\nLoader throughput, one process and one thread per row ({platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} cores, torch {torch.__version__}); {args.cases} cases of {tuple(args.shape)}, "
         f"median of {args.epochs} epochs; workers to feed {rate_needed:g} cases/s\n"
     )
+    old_column = f" vs NIfTI at {args.baseline_ref} |" if args.baseline_ref else ""
     print(
-        "| bundle | loader | s/case | cases/s per core | vs NIfTI | workers for the GPU | fill s/case | cache MB/case |"
+        "| bundle | loader | s/case | cases/s per core | vs NIfTI |"
+        + old_column
+        + " workers for the GPU | fill s/case | cache MB/case |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- " * (8 + bool(old_column)) + "|")
     for r in rows:
         per_core = 1.0 / r["s_per_case"]
         r["cases_per_s_per_core"] = per_core
@@ -134,8 +171,12 @@ def main(argv: list[str] | None = None) -> int:
         fill = f"{r['fill_s_per_case']:.2f}" if r.get("fill_s_per_case") is not None else "-"
         size = f"{r['cache_mb_per_case']:.1f}" if "cache_mb_per_case" in r else "-"
         ratio = f"{r['speedup_vs_nifti']:.1f}x" if r["speedup_vs_nifti"] is not None else "-"
+        old_ratio = ""
+        if old_column:
+            r["speedup_vs_baseline_nifti"] = old_base[r["bundle"]] / r["s_per_case"]
+            old_ratio = f" {r['speedup_vs_baseline_nifti']:.1f}x |"
         print(
-            f"| {r['bundle']} | {r['mode']} | {r['s_per_case']:.3f} | {per_core:.2f} | {ratio} | "
+            f"| {r['bundle']} | {r['mode']} | {r['s_per_case']:.3f} | {per_core:.2f} | {ratio} |{old_ratio} "
             f"{r['workers_needed']} | {fill} | {size} |"
         )
     if args.json:
