@@ -143,7 +143,9 @@ class RandCropFromBoxd(Randomizable, MapTransform):
             factors = [self.R.uniform(lo, hi) for lo, hi in zip(self.min_zoom, self.max_zoom, strict=True)]
             self.zoom = tuple(factors * len(size)) if len(factors) == 1 else tuple(factors)
         padded = [max(z, r) for z, r in zip(self.zoomed_size(size), self.roi_size, strict=True)]
-        self.corner = tuple(int(self.R.randint(0, p - r + 1)) if p > r else 0 for p, r in zip(padded, self.roi_size))
+        self.corner = tuple(
+            int(self.R.randint(0, p - r + 1)) if p > r else 0 for p, r in zip(padded, self.roi_size, strict=True)
+        )
 
     def zoomed_size(self, size: Sequence[int]) -> list[int]:
         """Spatial size after the drawn zoom (MONAI ``Zoom``'s ``floor(size * factor)``)."""
@@ -181,7 +183,7 @@ class RandCropFromBoxd(Randomizable, MapTransform):
         pads = [_symmetric_pad(z, r) for z, r in zip(zoomed, self.roi_size, strict=True)]
         if mode == "nearest":
             target, indices = [slice(None)], []
-            for axis, (n, z, r, c, p) in enumerate(zip(size, zoomed, self.roi_size, self.corner, pads, strict=True)):
+            for n, z, r, c, p in zip(size, zoomed, self.roi_size, self.corner, pads, strict=True):
                 lo, hi = max(p - c, 0), min(z + p - c, r)  # output voxels inside the zoomed volume
                 target.append(slice(lo, hi))
                 indices.append(_nearest_indices(n, z, torch.arange(c + lo - p, c + hi - p)))

@@ -10,8 +10,8 @@ import torch
 from monai.config import DtypeLike, KeysCollection, NdarrayOrTensor
 from monai.data import MetaTensor
 from monai.data.image_reader import NibabelReader
-from monai.utils import MetaKeys
 from monai.transforms import MapTransform
+from monai.utils import MetaKeys
 
 
 class ReorderChannelsd(MapTransform):

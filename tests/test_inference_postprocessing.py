@@ -89,4 +89,6 @@ def test_threaded_reader_names_the_file_whose_affine_differs(synthetic_dataset, 
     shifted[0, 3] += 5.0
     nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), shifted), tmp_path / "t2f.nii.gz")
     with pytest.raises(RuntimeError, match="t2f.nii.gz: its affine differs"):
-        LoadImaged("image", image_only=True, reader=ThreadedNibabelReader())({"image": [*files, str(tmp_path / "t2f.nii.gz")]})
+        LoadImaged("image", image_only=True, reader=ThreadedNibabelReader())(
+            {"image": [*files, str(tmp_path / "t2f.nii.gz")]}
+        )
