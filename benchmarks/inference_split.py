@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +40,6 @@ from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
 WIDTH = {"segresnet_vae": 32, "espnet3d": 32}
 STAGE_OF = {"LoadImaged": "read", "SaveLabelMapd": "write", "SaveOverlayd": "write"}
 
@@ -168,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         configs["compared"] = {k: json.loads(v) for k, v in (c.split("=", 1) for c in args.compare)}
 
     from brats_pipeline.synthetic import generate_dataset
+    from brats_pipeline.workflows import config_at_revision
 
     results: dict[tuple[str, str], list[dict[str, float]]] = defaultdict(list)
     with tempfile.TemporaryDirectory(prefix="inference_split_") as tmp:
@@ -178,17 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         for bundle in args.bundles:
             setups = {name: (o, None) for name, o in configs.items()}
             if args.baseline_ref:
-                old = work / bundle / "baseline_config" / "inference.json"
-                old.parent.mkdir(parents=True)
-                old.write_text(
-                    subprocess.run(
-                        ["git", "show", f"{args.baseline_ref}:bundles/{bundle}/configs/inference.json"],
-                        cwd=REPO,
-                        check=True,
-                        capture_output=True,
-                        text=True,
-                    ).stdout
-                )
+                old = config_at_revision(bundle, "inference.json", args.baseline_ref, work / bundle / "baseline_config")
                 width_key = {"segresnet_vae": "network_def#init_filters", "espnet3d": "network_width"}[bundle]
                 setups[f"baseline {args.baseline_ref}"] = ({width_key: WIDTH[bundle]}, old)
             workflows = {

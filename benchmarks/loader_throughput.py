@@ -24,7 +24,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +31,6 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
 BUNDLES = ("segresnet_vae", "espnet3d")
 MODES = {
     "nifti": {"persistent_cache": False, "cache_rate": 0.0},
@@ -58,22 +56,6 @@ def train_dataset(bundle: str, dataset_dir: Path, root: Path, mode: str, overrid
         **overrides,
     )
     return wf.parser.get_parsed_content("train#dataset")
-
-
-def baseline_config(bundle: str, ref: str, work: Path) -> Path:
-    """The bundle's ``train.json`` as it was at git ``ref``, written under ``work``."""
-    path = work / f"{bundle}_{ref}" / "train.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        subprocess.run(
-            ["git", "show", f"{ref}:bundles/{bundle}/configs/train.json"],
-            cwd=REPO,
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-    )
-    return path
 
 
 def read_epoch(dataset) -> float:
@@ -130,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     rate_needed = 1.0 / args.step_time if args.step_time else args.cases_per_second
 
     from brats_pipeline.synthetic import generate_dataset
+    from brats_pipeline.workflows import config_at_revision
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="loader_bench_") as tmp:
@@ -139,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"generated {args.cases} cases of {tuple(args.shape)} in {time.perf_counter() - t0:.1f} s", flush=True)
         for bundle in args.bundles:
             if args.baseline_ref:
-                old = baseline_config(bundle, args.baseline_ref, work)
+                old = config_at_revision(
+                    bundle, "train.json", args.baseline_ref, work / f"{bundle}_{args.baseline_ref}"
+                )
                 row = measure(bundle, work / "data", work, "nifti", args.epochs, overrides, old)
                 row["mode"] = f"nifti at {args.baseline_ref}"
                 rows.append(row)

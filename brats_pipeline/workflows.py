@@ -7,12 +7,13 @@ without rebuilding its wiring.
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
 from monai.bundle import ConfigWorkflow
 
-__all__ = ["BUNDLES_DIR", "bundle_workflow"]
+__all__ = ["BUNDLES_DIR", "bundle_workflow", "config_at_revision"]
 
 #: the bundles of this repository
 BUNDLES_DIR = Path(__file__).resolve().parents[1] / "bundles"
@@ -56,3 +57,19 @@ def bundle_workflow(
     if initialize:
         workflow.initialize()
     return workflow
+
+
+def config_at_revision(bundle: str, config: str, revision: str, folder: str | os.PathLike) -> Path:
+    """``bundles/<bundle>/configs/<config>`` as it was at git ``revision`` of this repository, written into
+    ``folder`` (created); the benchmarks run it side by side with today's file."""
+    path = Path(folder) / config
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = subprocess.run(
+        ["git", "show", f"{revision}:bundles/{bundle}/configs/{config}"],
+        cwd=BUNDLES_DIR.parent,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    path.write_text(text)
+    return path
