@@ -379,7 +379,7 @@ class BratsInferer(Inferer):
     def _activate(self, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         if self.activation == "sigmoid":
-            return torch.sigmoid(logits)
+            return logits.sigmoid_()  # the network's fresh output: no second full-size tensor
         if self.activation == "softmax":
             return torch.softmax(logits, dim=1)
         return logits
@@ -430,7 +430,7 @@ class BratsInferer(Inferer):
                 total = prob if total is None else total.add_(prob)
                 count += 1
         assert total is not None
-        out = total.div_(count)
+        out = total.div_(count) if count > 1 else total
         if crop is not None:
             out = out[crop].contiguous()
         if isinstance(inputs, MetaTensor):
