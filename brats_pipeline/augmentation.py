@@ -82,7 +82,8 @@ def _nearest_indices(in_size: int, out_size: int, positions: torch.Tensor) -> to
 class RandCropFromBoxd(Randomizable, MapTransform):
     """A random ``roi_size`` crop of the brain box, or of the whole field of view, after an optional random zoom.
 
-    Same draws and same output as MONAI's chain (zoom, then the symmetric pad to ``roi_size``, then the random crop):
+    The distributions of MONAI's chain (zoom, then the symmetric pad to ``roi_size``, then the random crop) and, for
+    the drawn parameters, the same output:
 
     * ``full_field_of_view=True``: ``RestoreFieldOfViewd`` + ``SpatialPadd(roi_size)`` + ``RandSpatialCropd(roi_size)``
       (Myronenko 2018: 160x192x128 crops of the 240x240x155 volume). The crop is drawn in the whole volume recorded
@@ -248,9 +249,10 @@ class RandShiftScaleIntensityd(Randomizable, MapTransform):
     """Per channel ``c``: ``(x + o_c) * (1 + f_c)``, ``o_c ~ U(-offsets, offsets)``, ``f_c ~ U(-factors, factors)``.
 
     Myronenko 2018 Sec. 3.7: "a random (per channel) intensity shift (-0.1..0.1 of image std) and scale (0.9..1.1)
-    on input image channels", on z-scored channels (so the shift is in units of the channel's std). The same draws
-    (all offsets, then all factors) and values as MONAI's ``RandShiftIntensityd(offsets, prob=1, channel_wise=True)``
-    followed by ``RandScaleIntensityd(factors, prob=1, channel_wise=True)``, in one new tensor instead of four.
+    on input image channels", on z-scored channels (so the shift is in units of the channel's std). The distributions
+    of MONAI's ``RandShiftIntensityd(offsets, prob=1, channel_wise=True)`` followed by ``RandScaleIntensityd(factors,
+    prob=1, channel_wise=True)`` (drawn from one random state: all offsets, then all factors) and, for the drawn
+    values, the same tensor, in one new tensor instead of four.
 
     Args:
         keys: the image key(s), ``(C, *spatial)`` float.
@@ -303,8 +305,9 @@ class RandFlipAxesd(Randomizable, MapTransform):
     """Flip each spatial axis with probability ``prob``, independently (Myronenko 2018 Sec. 3.7: "random axis mirror
     flip (for all 3 axes) with a probability 0.5"), in one ``torch.flip``.
 
-    The same draws (one ``R.rand() < prob`` per axis, in order) and values as one MONAI ``RandFlipd(prob,
-    spatial_axis=a)`` per axis of ``spatial_axes``, which copy the volume once per flipped axis.
+    The distribution of one MONAI ``RandFlipd(prob, spatial_axis=a)`` per axis of ``spatial_axes`` (drawn from one
+    random state: one ``R.rand() < prob`` per axis, in order) and, for the drawn axes, the same tensor; those copy the
+    volume once per flipped axis.
     """
 
     def __init__(

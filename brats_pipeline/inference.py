@@ -379,7 +379,7 @@ class BratsInferer(Inferer):
     def _activate(self, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         if self.activation == "sigmoid":
-            return logits.sigmoid_()  # the network's fresh output: no second full-size tensor
+            return torch.sigmoid(logits)
         if self.activation == "softmax":
             return torch.softmax(logits, dim=1)
         return logits
