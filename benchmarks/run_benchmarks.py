@@ -693,6 +693,7 @@ def run_data_worker(spec: dict[str, Any]) -> dict[str, Any]:
         values: dict[str, Any] = {
             "dataset_dir": str(spec["dataset_dir"]),
             "cache_rate": 1.0 if cache else 0.0,
+            "persistent_cache": False,  # this section compares CacheDataset with none; loader_throughput.py the rest
             "num_workers": int(spec.get("cache_workers", os.cpu_count() or 1)),
             "device": "$torch.device('cpu')",
         }
