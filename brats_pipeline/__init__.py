@@ -1,6 +1,7 @@
-"""BraTS data layer, label conventions, metrics, inference helpers and the synthetic case generator.
-
-The networks live in :mod:`custom_networks`; everything else the two bundles need lives here.
+"""The code of both BraTS bundles, by stage: ``data``, ``transforms``, ``losses``, ``training``, ``inference``,
+``evaluation`` and ``bundle`` (what a bundle runs), and ``tools`` (synthetic data, ensembles, packaging: run outside a
+bundle). The networks live in :mod:`custom_networks`. Map: ``docs/architecture.md``.
 """
 
-__version__ = "0.1.0"
+#: the version of both bundles (``bundles/*/configs/metadata.json``), which this package ships
+__version__ = "0.4.0"

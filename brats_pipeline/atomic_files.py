@@ -116,13 +116,6 @@ def atomic_write(
         fsync_dir(path.parent)
 
 
-def write_bytes_atomic(data: bytes, path: str | os.PathLike, overwrite: bool = True, fsync: bool = True) -> Path:
-    """Write ``data`` to ``path`` with :func:`atomic_write`; return the path."""
-    with atomic_write(path, "wb", overwrite=overwrite, fsync=fsync) as f:
-        f.write(data)
-    return Path(path)
-
-
 def write_text_atomic(
     text: str, path: str | os.PathLike, encoding: str = "utf-8", newline: str | None = None, fsync: bool = True
 ) -> Path:
@@ -140,4 +133,4 @@ def write_json_atomic(obj: object, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-__all__ = ["atomic_write", "fsync_dir", "publish", "write_bytes_atomic", "write_json_atomic", "write_text_atomic"]
+__all__ = ["atomic_write", "fsync_dir", "publish", "write_json_atomic", "write_text_atomic"]

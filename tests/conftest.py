@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from brats_pipeline.synthetic import generate_dataset
+from brats_pipeline.tools.synthetic import generate_dataset
 
 REAL_CASE = Path(__file__).resolve().parents[1].parent / "shared/data/BraTS-GLI-00001-000"
 TINY_SHAPE = (32, 32, 32)

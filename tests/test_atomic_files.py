@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from brats_pipeline.atomic_files import atomic_write, write_bytes_atomic, write_json_atomic, write_text_atomic
+from brats_pipeline.atomic_files import atomic_write, write_json_atomic, write_text_atomic
 
 
 def _mode_of_open() -> int:
@@ -19,10 +19,11 @@ def _mode_of_open() -> int:
 
 def test_writes_with_open_permissions_and_no_leftover(tmp_path):
     target = tmp_path / "sub" / "a.bin"
-    assert write_bytes_atomic(b"\x00\x01", target) == target
+    with atomic_write(target, "wb") as f:  # the missing folder is created
+        f.write(b"\x00\x01")
     assert target.read_bytes() == b"\x00\x01"
     assert stat.S_IMODE(target.stat().st_mode) == _mode_of_open()  # not mkstemp's 0600
-    write_text_atomic("a,b\r\n", tmp_path / "t.csv", newline="")
+    assert write_text_atomic("a,b\r\n", tmp_path / "t.csv", newline="") == tmp_path / "t.csv"
     assert (tmp_path / "t.csv").read_bytes() == b"a,b\r\n"
     write_json_atomic({"ü": [1]}, tmp_path / "j.json")
     assert json.loads((tmp_path / "j.json").read_text(encoding="utf-8")) == {"ü": [1]}
@@ -42,9 +43,11 @@ def test_error_keeps_the_old_file_and_removes_the_temporary_one(tmp_path):
 
 def test_no_overwrite(tmp_path):
     target = tmp_path / "x.nii.gz"
-    write_bytes_atomic(b"first", target, overwrite=False)
-    with pytest.raises(FileExistsError, match="exists"):
-        write_bytes_atomic(b"second", target, overwrite=False)
+    with atomic_write(target, "wb", overwrite=False) as f:
+        f.write(b"first")
+    with pytest.raises(FileExistsError, match="exists"):  # refused on entry: the target exists
+        with atomic_write(target, "wb", overwrite=False) as f:
+            f.write(b"second")
     with pytest.raises(FileExistsError):  # another writer publishes while this one writes
         with atomic_write(target.with_name("y.nii.gz"), "wb", overwrite=False) as f:
             target.with_name("y.nii.gz").write_bytes(b"theirs")

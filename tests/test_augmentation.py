@@ -1,4 +1,4 @@
-"""The one-copy training augmentation (``brats_pipeline.augmentation``) against the MONAI chains it replaces: for the
+"""The one-copy training augmentation (``brats_pipeline.transforms.augmentation``) against the MONAI chains it replaces: for the
 parameters it drew, the same tensors and affines as MONAI's transforms; the same crop corners as ``RandSpatialCropd``
 seeded alike; and the shipped train.json of each bundle uses it."""
 
@@ -21,8 +21,12 @@ from monai.transforms import (
     Zoomd,
 )
 
-from brats_pipeline.augmentation import RandCropFromBoxd, RandFlipAxesd, RandShiftScaleIntensityd
-from brats_pipeline.transforms import RestoreFieldOfViewd
+from brats_pipeline.transforms.augmentation import (
+    RandCropFromBoxd,
+    RandFlipAxesd,
+    RandShiftScaleIntensityd,
+    RestoreFieldOfViewd,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ["image", "label"]

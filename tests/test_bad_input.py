@@ -12,10 +12,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brats_pipeline import datalist as datalist_module
-from brats_pipeline.case_checks import CaseError, DatasetError, check_case, inspect_nifti
-from brats_pipeline.datalist import build_datalist, find_cases, write_json_atomic
-from brats_pipeline.synthetic import brats_affine, generate_dataset
+from brats_pipeline.data import datalist as datalist_module
+from brats_pipeline.data.datalist import build_datalist, find_cases, write_json_atomic
+from brats_pipeline.data.screening import CaseError, DatasetError, check_case, inspect_nifti
+from brats_pipeline.tools.synthetic import brats_affine, generate_dataset
 
 CASE = "BraTS-GLI-00002-000"
 
@@ -190,7 +190,7 @@ def test_check_case_entry_defects(dataset, tmp_path):
         check_case({**entry, "image": [*image[:3], str(tmp_path / "gone.nii.gz")]})
     with pytest.raises(CaseError, match="3 image files listed, expected 4"):
         check_case({**entry, "image": image[:3]})
-    # an entry without case_id is named after its first file's case (brats_pipeline.layouts.case_id_from_path)
+    # an entry without case_id is named after its first file's case (brats_pipeline.data.layouts.case_id_from_path)
     with pytest.raises(CaseError, match=f"case '{CASE}':"):
         check_case({"image": [*image[:3], str(tmp_path / "gone.nii.gz")]})
 

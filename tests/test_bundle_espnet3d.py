@@ -22,8 +22,8 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow, ckpt_export, verify_net_in_out
 
-from brats_pipeline.datalist import find_cases
-from brats_pipeline.labels import get_convention
+from brats_pipeline.data.datalist import find_cases
+from brats_pipeline.transforms.labels import get_convention
 from custom_networks.espnet3d import ESPNet3D
 
 REPO = Path(__file__).resolve().parents[1]

@@ -31,7 +31,8 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from brats_pipeline.bundle_packaging import (
+from brats_pipeline.bundle.settings import SETTINGS_NAME
+from brats_pipeline.tools.packaging import (
     LARGE_FILES_NAME,
     REQUIRED_FILES,
     BundlePackagingError,
@@ -40,8 +41,7 @@ from brats_pipeline.bundle_packaging import (
     missing_required_files,
     package_bundle,
 )
-from brats_pipeline.model_settings import SETTINGS_NAME
-from brats_pipeline.synthetic import generate_dataset
+from brats_pipeline.tools.synthetic import generate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = {name: REPO / "bundles" / name for name in ("segresnet_vae", "espnet3d")}
@@ -164,13 +164,18 @@ def test_zip_layout(tmp_path):
         names = set(zf.namelist())
     assert {f"espnet3d/{rel}" for rel in REQUIRED_FILES} <= names
     assert "espnet3d/scripts/custom_networks/espnet3d.py" in names
-    assert "espnet3d/scripts/brats_pipeline/labels.py" in names
+    assert "espnet3d/scripts/brats_pipeline/transforms/labels.py" in names
+    assert "espnet3d/scripts/brats_pipeline/__init__.py" in names
+    # only what the bundle runs: no tools (synthetic data, ensembles, this packager), no other network, no benchmarks
+    scripts = {n for n in names if "/scripts/" in n}
+    assert not [n for n in scripts if "/tools/" in n or "benchmarks" in n or "segresnet_vae.py" in n], scripts
+    assert "espnet3d/scripts/brats_pipeline/tools/__init__.py" not in names
     assert all(n.startswith("espnet3d/") for n in names)
     assert not any("__pycache__" in n or "/eval/" in n for n in names)
 
 
 def _packager(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "brats_pipeline.bundle_packaging", *args]
+    cmd = [sys.executable, "-m", "brats_pipeline.tools.packaging", *args]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
@@ -271,17 +276,12 @@ def test_weights_without_settings_keep_the_configs(tmp_path, caplog):
 def test_apply_trained_settings():
     config = {
         "network_width": 32,
-        "include_rc": {
-            "_target_": "brats_pipeline.model_settings.trained_setting",
-            "key": "include_rc",
-            "default": False,
+        "trained": {
+            "_target_": "brats_pipeline.bundle.settings.TrainedSettings",
+            "ckpt_dir": "@ckpt_dir",
+            "defaults": {"include_rc": False, "roi_size": [1], "brain_crop_margin": "@brain_crop_margin"},
         },
-        "sw_roi_size": {"_target_": "brats_pipeline.model_settings.trained_setting", "key": "roi_size", "default": [1]},
-        "brain_crop#margin": {
-            "_target_": "brats_pipeline.model_settings.trained_setting",
-            "key": "brain_crop_margin",
-            "default": "@brain_crop_margin",
-        },
+        "include_rc": "$@trained['include_rc']",
         "label_convention": "$@datalist['label_convention']",
         "roi_size": "@other",
         "network_def": {"_target_": "SegResNet", "init_filters": "@network_width", "blocks_down": [1, 2, 2, 4]},
@@ -298,15 +298,21 @@ def test_apply_trained_settings():
     }
     before = json.loads(json.dumps(config))
     changed = apply_trained_settings(config, settings)
-    assert changed == ["network_width", "include_rc#default", "sw_roi_size#default", "network_def#blocks_down"]
-    assert config["network_width"] == 8 and config["include_rc"]["default"] is True
-    assert config["sw_roi_size"]["default"] == [16, 16, 16]
+    assert changed == [
+        "network_width",
+        "trained#defaults#include_rc",
+        "trained#defaults#roi_size",
+        "network_def#blocks_down",
+    ]
+    assert config["network_width"] == 8 and config["trained"]["defaults"]["include_rc"] is True
+    assert config["trained"]["defaults"]["roi_size"] == [16, 16, 16]
+    assert config["trained"]["defaults"]["brain_crop_margin"] == "@brain_crop_margin"  # a reference: left alone
     assert config["network_def"] == {
         "_target_": "SegResNet",
         "init_filters": "@network_width",
         "blocks_down": [1, 1, 1, 1],
     }
-    for key in ("brain_crop#margin", "label_convention", "roi_size", "normalize_intensity"):
+    for key in ("include_rc", "label_convention", "roi_size", "normalize_intensity"):
         assert config[key] == before[key]
 
 

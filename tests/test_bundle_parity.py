@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from brats_pipeline.case_screening import CaseFailureReport
-from brats_pipeline.checkpointing import AtomicCheckpointSaver, ResumeFromCheckpoint
-from brats_pipeline.protocols import CaseRecord
-from brats_pipeline.training_guards import NonFiniteLossGuard
-from brats_pipeline.workflows import bundle_workflow
+from brats_pipeline.bundle.workflows import bundle_workflow
+from brats_pipeline.data.screening import CaseFailureReport
+from brats_pipeline.training.checkpointing import AtomicCheckpointSaver, ResumeFromCheckpoint
+from brats_pipeline.training.guards import NonFiniteLossGuard
+from brats_pipeline.training.records import CaseRecord
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = ("segresnet_vae", "espnet3d")
@@ -182,7 +182,47 @@ def test_both_inference_configs_screen_cases_and_have_the_same_handlers(syntheti
         parsed = wf.parser.get_parsed_content("handlers")
         handlers[bundle] = [type(h).__name__ for h in parsed]
         assert any(isinstance(h, CaseFailureReport) for h in parsed)
-        assert wf.parser.get_parsed_content("cases")  # the screened list the dataset is built from
-        assert wf.parser["dataset"]["data"] == "@cases"
+        assert wf.parser.get_parsed_content("prediction_run").cases  # the screened list the dataset is built from
+        assert wf.parser["dataset"]["data"] == "$@prediction_run.cases"
     assert handlers["segresnet_vae"] == handlers["espnet3d"]
     assert handlers["espnet3d"] == ["CheckpointLoader", "CaseFailureReport", "StatsHandler", "ProgressBar"]
+
+
+# ------------------------------------------------------------------------------------------------- Model Zoo shape
+
+
+def _items(node: Any, found: dict[str, list]) -> None:
+    """Walk a config: every ``$`` expression and every ``_target_`` value into ``found``."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "_target_":
+                found["targets"].append(value)
+            _items(value, found)
+    elif isinstance(node, list):
+        for value in node:
+            _items(value, found)
+    elif isinstance(node, str) and node.startswith("$"):
+        found["expressions"].append(node)
+
+
+@pytest.mark.parametrize("path", sorted(REPO.glob("bundles/*/configs/*.json")) + sorted(REPO.glob("configs/*.json")),
+                         ids=lambda p: f"{p.parent.parent.name}/{p.name}")
+def test_configs_read_like_model_zoo_configs(path):
+    """No ``$`` expression over 120 characters (logic beyond one short line has a name in brats_pipeline), and no
+    component written out more than 3 times in one file (a repeated block is one named component)."""
+    found: dict[str, list] = {"targets": [], "expressions": []}
+    _items(json.loads(path.read_text()), found)
+    long = [e for e in found["expressions"] if len(e) > 120]
+    assert not long, f"{path}: $ expressions over 120 characters: {long}"
+    repeated = {t: found["targets"].count(t) for t in set(found["targets"]) if found["targets"].count(t) > 3}
+    assert not repeated, f"{path}: components written out more than 3 times: {repeated}"
+
+
+def test_bundle_versions_move_with_the_package():
+    """Both bundles and the package carry one version, and each version has a one-line changelog entry."""
+    import brats_pipeline
+
+    for bundle in BUNDLES:
+        meta = json.loads((REPO / "bundles" / bundle / "configs" / "metadata.json").read_text())
+        assert meta["version"] == brats_pipeline.__version__, bundle
+        assert all("\n" not in line and len(line) <= 200 for line in meta["changelog"].values()), bundle

@@ -38,9 +38,9 @@ from monai.bundle.scripts import _get_fake_spatial_shape
 from monai.networks.nets import SegResNet
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from brats_pipeline.datalist import build_datalist
-from brats_pipeline.labels import get_convention, regions_to_label
-from brats_pipeline.synthetic import generate_dataset
+from brats_pipeline.data.datalist import build_datalist
+from brats_pipeline.tools.synthetic import generate_dataset
+from brats_pipeline.transforms.labels import get_convention, regions_to_label
 from custom_networks.segresnet_vae import VAE_PREFIX, SegResNetVAE2018
 
 REPO = Path(__file__).resolve().parents[1]
@@ -337,13 +337,20 @@ def test_bundle_code_is_put_on_sys_path_only_when_shipped(monkeypatch, tmp_path)
     assert sys.path.count(str(tmp_path / "scripts")) == 1
 
 
-def test_config_bundle_root_is_derived(monkeypatch):
-    """Both configs derive ``bundle_root`` and the output folders from it."""
-    monkeypatch.chdir(REPO)
-    for config in (TRAIN, INFERENCE):
-        workflow = ConfigWorkflow(config_file=repo_relative(config), workflow_type="train", logging_file=False)
-        workflow.initialize()
-        assert workflow.parser.get_parsed_content("ckpt_dir") == str(BUNDLE / "models")
+def test_config_bundle_root_is_derived(monkeypatch, tmp_path):
+    """Both configs derive ``bundle_root`` (and the output folders) from the first config file, whatever the working
+    directory: what the Model Zoo's ``"."`` does not give. With ``"."``, a run from the repository root (the README's
+    commands) would write ``models/`` into the repository root, and ``monai.bundle.load`` of a downloaded bundle
+    from any other folder would look for its ``scripts/`` (our code) and ``models/`` in that folder."""
+    for cwd in (REPO, tmp_path):
+        monkeypatch.chdir(cwd)
+        for config in (TRAIN, INFERENCE):
+            workflow = ConfigWorkflow(config_file=str(config), workflow_type="train", logging_file=False)
+            workflow.initialize()
+            assert workflow.parser.get_parsed_content("ckpt_dir") == str(BUNDLE / "models")
+            workflow = ConfigWorkflow(config_file=str(config), workflow_type="train", logging_file=False, bundle_root=".")
+            workflow.initialize()
+            assert workflow.parser.get_parsed_content("ckpt_dir") == "./models"
 
 
 # ------------------------------------------------------------------------------------------------- metadata, properties

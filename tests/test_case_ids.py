@@ -7,10 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from brats_pipeline.datalist import find_cases
-from brats_pipeline.layouts import LAYOUTS, MODALITY_SUFFIXES, case_id_from_path, entry_case_id
-from brats_pipeline.nifti_paths import is_nifti, split_nifti_suffix
-from brats_pipeline.synthetic import generate_dataset
+from brats_pipeline.data.datalist import find_cases
+from brats_pipeline.data.layouts import (
+    LAYOUTS,
+    MODALITY_SUFFIXES,
+    case_id_from_path,
+    entry_case_id,
+    is_nifti,
+    split_nifti_suffix,
+)
+from brats_pipeline.tools.synthetic import generate_dataset
 
 ALL_LAYOUTS = (*LAYOUTS, "msd")
 

@@ -17,10 +17,9 @@ from monai.engines import SupervisedEvaluator
 from monai.handlers import StatsHandler
 from monai.transforms import Compose, EnsureChannelFirstd, Lambdad, LoadImaged
 
-from brats_pipeline.case_checks import BadCasesError, CaseError
-from brats_pipeline.case_screening import CaseFailureReport, CasesFailedError, screen_cases
-from brats_pipeline.datalist import build_datalist, find_cases
-from brats_pipeline.synthetic import generate_dataset
+from brats_pipeline.data.datalist import build_datalist, find_cases
+from brats_pipeline.data.screening import BadCasesError, CaseError, CaseFailureReport, CasesFailedError, screen_cases
+from brats_pipeline.tools.synthetic import generate_dataset
 
 SHAPE = (10, 9, 8)
 MODALITIES = ("t1c", "t1n", "t2w", "t2f")
@@ -59,7 +58,7 @@ def cases(tmp_path) -> list[dict]:
 
 def test_screen_cases_keeps_good_records_bad(cases, caplog):
     report = CaseFailureReport()
-    with caplog.at_level(logging.ERROR, logger="brats_pipeline.case_screening"):
+    with caplog.at_level(logging.ERROR, logger="brats_pipeline.data.screening"):
         good = screen_cases(cases, report=report)
     assert [c["case_id"] for c in good] == ["C0-good", "C2-good", "C7-good"]
     assert report.failed_cases == ["C1-missing", "C3-truncated", "C4-nan", "C5-flat", "C6-zero"]
@@ -86,7 +85,7 @@ def test_strict_raises_at_first_bad_case(cases):
 
     def check(entry):
         checked.append(entry["case_id"])
-        from brats_pipeline.case_checks import check_case
+        from brats_pipeline.data.screening import check_case
 
         check_case(entry)
 
@@ -131,10 +130,10 @@ def test_bundle_run_exits_with_the_summary(cases, tmp_path):
     from monai.bundle import run
 
     config = {
-        "imports": ["$import brats_pipeline", "$import brats_pipeline.case_screening"],
+        "imports": ["$import brats_pipeline", "$import brats_pipeline.data.screening"],
         "all_cases": cases[:2],
-        "case_report": {"_target_": "brats_pipeline.case_screening.CaseFailureReport"},
-        "cases": "$brats_pipeline.case_screening.screen_cases(@all_cases, report=@case_report)",
+        "case_report": {"_target_": "brats_pipeline.data.screening.CaseFailureReport"},
+        "cases": "$brats_pipeline.data.screening.screen_cases(@all_cases, report=@case_report)",
         "run": ["$len(@cases)"],
         "finalize": ["$@case_report.raise_if_failed()"],
     }
@@ -183,7 +182,7 @@ def test_failure_during_loading_is_recorded_and_fails_the_run(cases, caplog):
     report = CaseFailureReport()
     good = screen_cases(cases, report=report)
     evaluator = evaluator_for(good, FailsOnCall(), report, fail_on="C2-good")
-    with caplog.at_level(logging.ERROR, logger="brats_pipeline.case_screening"):
+    with caplog.at_level(logging.ERROR, logger="brats_pipeline.data.screening"):
         with pytest.raises(RuntimeError, match="applying transform"):
             evaluator.run()
     assert report.processed == 1
@@ -202,7 +201,7 @@ def test_failure_during_inference_names_the_case_from_the_batch(cases, caplog):
     report = CaseFailureReport()
     good = screen_cases([cases[0], cases[2], cases[7]], report=report)
     evaluator = evaluator_for(good, FailsOnCall(fail_at=2), report)
-    with caplog.at_level(logging.ERROR, logger="brats_pipeline.case_screening"):
+    with caplog.at_level(logging.ERROR, logger="brats_pipeline.data.screening"):
         with pytest.raises(RuntimeError, match="out of memory"):
             evaluator.run()
     assert report.processed == 1
@@ -211,7 +210,7 @@ def test_failure_during_inference_names_the_case_from_the_batch(cases, caplog):
     assert "not processed: C7-good" in caplog.text
 
 
-# --- a dataset folder with bad cases, written by brats_pipeline.synthetic ------------------------------------------
+# --- a dataset folder with bad cases, written by brats_pipeline.tools.synthetic ------------------------------------------
 
 TINY = (24, 24, 24)
 

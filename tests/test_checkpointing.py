@@ -17,7 +17,7 @@ from monai.losses import DiceLoss
 from monai.transforms import Compose, RandFlipd, RandScaleIntensityd, RandSpatialCropd
 from monai.utils import set_determinism
 
-from brats_pipeline.checkpointing import (
+from brats_pipeline.training.checkpointing import (
     AtomicCheckpointSaver,
     CheckpointResumeError,
     EvaluatorBestMetric,
@@ -26,7 +26,7 @@ from brats_pipeline.checkpointing import (
     RNGStates,
     latest_checkpoint,
 )
-from brats_pipeline.training_run import TrainingRun
+from brats_pipeline.training.run import TrainingRun
 
 EPOCHS = 4
 

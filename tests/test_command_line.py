@@ -1,4 +1,4 @@
-"""Command-line safety (:mod:`brats_pipeline.command_line`) against the shipped configs of both bundles.
+"""Command-line safety (:mod:`brats_pipeline.bundle.command_line`) against the shipped configs of both bundles.
 
 In-process: :func:`check_command_line` on real argv lists (typos named with the nearest key, boolean text refused,
 documented commands accepted) and :func:`user_error_message` on the exceptions MONAI, torch and this package raise.
@@ -27,25 +27,22 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from brats_pipeline import command_line
-from brats_pipeline.case_checks import BadCasesError, CaseError, DatasetError
-from brats_pipeline.command_line import (
+from brats_pipeline.bundle import command_line
+from brats_pipeline.bundle.command_line import (
     CommandLineError,
     check_command_line,
     install_error_handler,
     parse_command_line,
     user_error_message,
 )
-from brats_pipeline.synthetic import generate_dataset
+from brats_pipeline.data.screening import BadCasesError, CaseError, DatasetError
+from brats_pipeline.tools.synthetic import generate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = ("segresnet_vae", "espnet3d")
 SHAPE = (32, 32, 32)
-#: the two initialize items, as the configs name them (by _target_, after @bundle_code has put scripts/ on sys.path)
-GUARD_ITEMS = [
-    {"_target_": "brats_pipeline.command_line.install_error_handler", "_requires_": "@bundle_code"},
-    {"_target_": "brats_pipeline.command_line.check_command_line", "_requires_": "@bundle_code"},
-]
+#: the guard step of initialize, as the configs name it (by _target_, after @bundle_code has put scripts/ on sys.path)
+GUARD_ITEMS = [{"_target_": "brats_pipeline.bundle.command_line.guard_bundle_run", "_requires_": "@bundle_code"}]
 #: MONAI prints this warning (one line) before ``initialize`` runs; it is not ours to silence
 MONAI_TRUST_WARNING = "parsing config_file "
 #: TrainingRun's label pre-check draws a tqdm bar on stderr whatever --progress says; its lines are not counted
@@ -448,7 +445,7 @@ def test_failed_cases_keep_their_summary(tmp, tmp_path):
 
 def test_synthetic_command_line(tmp_path):
     """The generator's own command line: its booleans are checked too, and a mistake is one line."""
-    cmd = [sys.executable, "-m", "brats_pipeline.synthetic", str(tmp_path / "d"), "--num_cases", "1", "--shape", "16"]
+    cmd = [sys.executable, "-m", "brats_pipeline.tools.synthetic", str(tmp_path / "d"), "--num_cases", "1", "--shape", "16"]
     bad = subprocess.run([*cmd, "--with_labels", "false"], capture_output=True, text=True, timeout=120, env=ENV)
     assert bad.returncode == 1 and bad.stderr.splitlines() == [
         "error: --with_labels false is not a boolean ('false'); write --with_labels True or --with_labels False "

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from brats_pipeline.data_cache import PersistentCaseDataset, cache_size, case_dataset
-from brats_pipeline.datalist import find_cases
-from brats_pipeline.workflows import bundle_workflow
+from brats_pipeline.bundle.workflows import bundle_workflow
+from brats_pipeline.data.cache import PersistentCaseDataset, cache_size, case_dataset
+from brats_pipeline.data.datalist import find_cases
 
 BUNDLES = ("segresnet_vae", "espnet3d")
 

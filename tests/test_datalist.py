@@ -15,12 +15,12 @@ import torch
 from monai.data import MetaTensor, load_decathlon_datalist
 from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged
 
-from brats_pipeline.case_checks import check_case
-from brats_pipeline.datalist import build_datalist, find_cases
-from brats_pipeline.labels import CONVENTIONS
-from brats_pipeline.layouts import CHANNELS, LAYOUTS, MSD_CHANNELS
-from brats_pipeline.synthetic import generate_case, generate_dataset
-from brats_pipeline.transforms import ReorderChannelsd
+from brats_pipeline.data.datalist import build_datalist, find_cases
+from brats_pipeline.data.layouts import CHANNELS, LAYOUTS, MSD_CHANNELS
+from brats_pipeline.data.screening import check_case
+from brats_pipeline.tools.synthetic import generate_case, generate_dataset
+from brats_pipeline.transforms.labels import CONVENTIONS
+from brats_pipeline.transforms.preprocessing import ReorderChannelsd
 
 ALL_LAYOUTS = (*LAYOUTS, "msd")
 SHAPE = (32, 32, 32)
@@ -222,7 +222,7 @@ def test_datalist_json_round_trip_and_cli(tmp_path, synthetic_dataset):
     assert [e["image"] for e in training] == [e["image"] for e in d["training"]]
 
     cli_out = tmp_path / "cli.json"
-    cmd = [sys.executable, "-m", "brats_pipeline.datalist", str(synthetic_dataset), "--output_file", str(cli_out)]
+    cmd = [sys.executable, "-m", "brats_pipeline.data.datalist", str(synthetic_dataset), "--output_file", str(cli_out)]
     result = subprocess.run(
         [*cmd, "--num_folds", "2", "--seed", "3"], capture_output=True, text=True, timeout=300, check=True
     )

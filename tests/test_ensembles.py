@@ -1,4 +1,4 @@
-"""The ensemble recipe (``python -m brats_pipeline.ensembles train|predict``): the commands it builds, and for both
+"""The ensemble recipe (``brats-ensemble train|predict``, python-fire): the commands it builds, and for both
 bundles the whole recipe at tiny size as documented in docs/experiments.md: two members (folds 0 and 1 of a 2-fold
 split of the 32^3 synthetic dataset), one epoch each at width 8, then the ensemble's prediction of two held-out
 synthetic cases, scored."""
@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -15,16 +16,17 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 
-from brats_pipeline.ensembles import (
+from brats_pipeline.bundle.command_line import CommandLineError
+from brats_pipeline.tools import ensembles as ensemble_tool
+from brats_pipeline.tools.ensembles import (
     MANIFEST_NAME,
-    _split_argv,
     architecture_overrides,
     member_commands,
     predict_command,
     seen_by_members,
 )
-from brats_pipeline.protocols import CaseRecord
-from brats_pipeline.synthetic import generate_dataset
+from brats_pipeline.tools.synthetic import generate_dataset
+from brats_pipeline.training.records import CaseRecord
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,11 +91,6 @@ def test_predict_command_follows_ensemble_json_conventions(tmp_path):
 
 
 def test_argument_helpers(tmp_path):
-    assert _split_argv(["train", "--folds", "0", "1", "--", "--epochs", "3"]) == (
-        ["train", "--folds", "0", "1"],
-        ["--epochs", "3"],
-    )
-    assert _split_argv(["predict"]) == (["predict"], [])
     assert architecture_overrides(["--network_width=16", "--amp", "--network_def::init_filters", "8"]) == [
         "--network_width",
         "16",
@@ -110,6 +107,73 @@ def test_argument_helpers(tmp_path):
     assert "NOT held out" in statement and len(warnings) == 2
 
 
+def run_cli(monkeypatch, *args: str) -> None:
+    """``brats-ensemble <args>`` in this process (python-fire reads ``sys.argv``)."""
+    monkeypatch.setattr(sys, "argv", ["brats-ensemble", *args])
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # fire_command installs the one-line error handler
+    ensemble_tool.cli()
+
+
+def test_command_line_passes_overrides_to_the_members(tmp_path, monkeypatch, capsys):
+    run_cli(
+        monkeypatch, "train", "--bundle", str(REPO / "bundles" / "espnet3d"), "--output_dir", str(tmp_path),
+        "--datalist_file", str(tmp_path / "d.json"), "--folds", "[0,2]", "--config", "configs/espnet_paper_protocol.json",
+        "--dry_run", "--epochs", "3", "--roi_size", "[24,24,24]", "--network_def#upsample", "deconv",
+        "--logging_file", "False", "--run_name", "'1'",
+    )  # fmt: skip
+    commands = [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
+    assert [option(c, "--fold") for c in commands] == ["0", "2"]
+    assert option(commands[1], "--bundle_root") == str(tmp_path.resolve() / "member_fold2")
+    assert ast.literal_eval(option(commands[0], "--config_file"))[1] == str(
+        REPO / "configs" / "espnet_paper_protocol.json"
+    )
+    # each override as text python-fire reads back as the same value (the string '1' stays a string)
+    assert commands[0][-10:] == [
+        "--epochs", "3", "--roi_size", "[24, 24, 24]", "--network_def#upsample", "deconv",
+        "--logging_file", "False", "--run_name", "'1'",
+    ]  # fmt: skip
+    run_cli(monkeypatch, "train", "--bundle", str(REPO / "bundles" / "espnet3d"), "--output_dir", str(tmp_path),
+            "--datalist_file", "d.json", "--seeds", "1,2", "--dry_run")  # fmt: skip
+    assert [option(shlex.split(c), "--seed") for c in capsys.readouterr().out.splitlines()] == ["1", "2"]
+
+    manifest = {
+        "bundle": str(REPO / "bundles" / "espnet3d"),
+        "train_overrides": ["--network_width", "8"],
+        "members": [{"name": "m0", "bundle_root": str(tmp_path / "m0"), "model": str(tmp_path / "m0" / "model.pt")}],
+    }
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    run_cli(monkeypatch, "predict", "--output_dir", str(tmp_path), "--dataset_dir", str(tmp_path), "--tta",
+            "--test_scales", "['native',144]", "--dry_run", "--num_workers", "0")  # fmt: skip
+    cmd = shlex.split(capsys.readouterr().out)
+    assert ast.literal_eval(option(cmd, "--config_file"))[-1] == str(REPO / "configs" / "tta.json")
+    assert option(cmd, "--inferer#test_scales") == "['native', 144]" and option(cmd, "--network_width") == "8"
+    assert cmd[-2:] == ["--num_workers", "0"]
+
+
+def test_command_line_mistakes(tmp_path, monkeypatch):
+    bundle = str(REPO / "bundles" / "espnet3d")
+    with pytest.raises(CommandLineError, match=r"--tta false is not a boolean.*--tta True or --tta False"):
+        ensemble_tool.predict(output_dir=str(tmp_path), dataset_dir=str(tmp_path), tta="false")
+    with pytest.raises(CommandLineError, match="--test_scales"):
+        ensemble_tool.predict(output_dir=str(tmp_path), dataset_dir=str(tmp_path), test_scales=[0])
+    with pytest.raises(CommandLineError, match="either --folds or --seeds"):
+        ensemble_tool.train(bundle=bundle, output_dir=str(tmp_path), datalist_file="d.json", folds=0, seeds=1)
+    with pytest.raises(CommandLineError, match="distinct"):
+        ensemble_tool.train(bundle=bundle, output_dir=str(tmp_path), datalist_file="d.json", folds=(0, 0))
+    with pytest.raises(CommandLineError, match="--dataset_dir"):
+        ensemble_tool.train(bundle=bundle, output_dir=str(tmp_path), folds=0)
+    with pytest.raises(CommandLineError, match="--dry_run"):
+        ensemble_tool.train(bundle=bundle, output_dir=str(tmp_path), datalist_file="d.json", folds=0, dry_run="no")
+    # the former nargs form: python-fire leaves "1 2" over; refused before anything runs
+    args = ["train", "--bundle", bundle, "--output_dir", str(tmp_path), "--datalist_file", "d.json", "--folds"]
+    with pytest.raises(CommandLineError, match=r"unexpected argument\(s\) 1 2.*--folds"):
+        run_cli(monkeypatch, *args, "0", "1", "2")
+    # the former "-- <overrides>": python-fire would take them as its own flags and drop them
+    with pytest.raises(SystemExit, match="options after '--'.*--epochs"):
+        run_cli(monkeypatch, *args, "0", "--", "--epochs", "3")
+    assert not (tmp_path / MANIFEST_NAME).exists()
+
+
 @pytest.fixture(scope="module")
 def holdout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("holdout")
@@ -120,7 +184,7 @@ def holdout(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def ensembles(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "brats_pipeline.ensembles", *args],
+        [sys.executable, "-m", "brats_pipeline.tools.ensembles", *args],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -151,9 +215,7 @@ def test_ensemble_recipe_end_to_end(bundle, tiny, synthetic_dataset, holdout, tm
         "--num_folds",
         "2",
         "--folds",
-        "0",
-        "1",
-        "--",
+        "[0,1]",
         *common,
         *tiny,
         cwd=tmp_path,
@@ -169,7 +231,7 @@ def test_ensemble_recipe_end_to_end(bundle, tiny, synthetic_dataset, holdout, tm
     assert datalist["num_folds"] == 2 and len(datalist["training"]) == 4
 
     predict = ensembles(
-        "predict", "--output_dir", str(out), "--dataset_dir", str(holdout), "--score", "--",
+        "predict", "--output_dir", str(out), "--dataset_dir", str(holdout), "--score",
         "--num_workers", "0", "--logging_file", "False", cwd=tmp_path,
     )  # fmt: skip
     assert predict.returncode == 0, predict.stdout[-3000:] + predict.stderr[-3000:]
@@ -186,7 +248,7 @@ def test_ensemble_recipe_end_to_end(bundle, tiny, synthetic_dataset, holdout, tm
         "predict", "--output_dir", str(out), "--dataset_dir", str(synthetic_dataset), "--dry_run", cwd=tmp_path
     )
     assert seen.returncode == 0 and "--ensemble_checkpoints" in seen.stdout
-    from brats_pipeline.ensembles import read_manifest
+    from brats_pipeline.tools.ensembles import read_manifest
 
     statement, warnings = seen_by_members(read_manifest(out), [c["case_id"] for c in datalist["training"]])
     assert "NOT held out" in statement and len(warnings) == 4

@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from brats_pipeline.labels import LabelConventionError
 from brats_pipeline.losses.jaccard import (
     WeightedCrossEntropyLoss,
     WeightedJaccardLoss,
     class_weights_from_frequencies,
     class_weights_from_labels,
 )
+from brats_pipeline.transforms.labels import LabelConventionError
 from custom_networks.espnet3d import ESPNet3D
 
 

@@ -42,12 +42,12 @@ from monai.bundle import __main__ as monai_bundle_main
 from monai.handlers import CheckpointLoader, EarlyStopHandler, MLFlowHandler, TensorBoardStatsHandler
 from monai.utils import path_to_sqlite_uri
 
-from brats_pipeline.datalist import build_datalist, write_json_atomic
-from brats_pipeline.labels import LabelConventionError, get_convention
-from brats_pipeline.layouts import CHANNELS, LAYOUTS, MSD_CHANNELS
+from brats_pipeline.data.datalist import build_datalist, write_json_atomic
+from brats_pipeline.data.layouts import CHANNELS, LAYOUTS, MSD_CHANNELS
 from brats_pipeline.losses.jaccard import WeightedCrossEntropyLoss
 from brats_pipeline.losses.vae import SegResNetVAELoss
-from brats_pipeline.synthetic import write_msd_dataset_json
+from brats_pipeline.tools.synthetic import write_msd_dataset_json
+from brats_pipeline.transforms.labels import LabelConventionError, get_convention
 from custom_networks.segresnet_vae import VAE_PREFIX
 
 REPO = Path(__file__).resolve().parents[1]

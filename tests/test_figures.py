@@ -18,8 +18,8 @@ import torch
 from matplotlib.figure import Figure
 from monai.data import MetaTensor
 
-from brats_pipeline import figures
-from brats_pipeline.figures import (
+from brats_pipeline.evaluation import figures
+from brats_pipeline.evaluation.figures import (
     BRATS_PALETTE,
     SaveOverlayd,
     overlay,
@@ -294,7 +294,7 @@ def test_save_overlayd_names_files_by_case_id(tmp_path, folder, name, case_id):
 def test_command_line(tmp_path):
     """``curves`` on a real log prints the PNG's path; a folder without a log is one ``error:`` line, status 1."""
     _log(tmp_path / "logs")
-    cmd = [sys.executable, "-m", "brats_pipeline.figures", "curves"]
+    cmd = [sys.executable, "-m", "brats_pipeline.evaluation.figures", "curves"]
     ok = subprocess.run([*cmd, str(tmp_path / "logs"), str(tmp_path / "c.png")], capture_output=True, text=True)
     assert ok.returncode == 0 and ok.stdout == f"{tmp_path / 'c.png'}\n", ok.stderr
     assert mpimg.imread(tmp_path / "c.png").shape[1] >= 800

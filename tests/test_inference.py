@@ -21,8 +21,8 @@ from monai.transforms import (
     Orientationd,
 )
 
-from brats_pipeline.inference import BratsInferer, load_state_dict_file, segmentation_output
-from brats_pipeline.labels import RegionsToLabel
+from brats_pipeline.inference.inferer import BratsInferer, load_state_dict_file, segmentation_output
+from brats_pipeline.transforms.labels import RegionsToLabel
 
 nib = pytest.importorskip("nibabel")
 
@@ -475,7 +475,7 @@ def test_test_scales_forward_count_with_ensemble_and_tta(image, tmp_path):
     ],
 )
 def test_normalize_test_scales(scales, expected):
-    from brats_pipeline.inference import normalize_test_scales
+    from brats_pipeline.inference.inferer import normalize_test_scales
 
     assert normalize_test_scales(scales) == expected
 
@@ -501,7 +501,7 @@ def test_shipped_inference_workers_only_with_cuda(bundle, monkeypatch):
     import os
     from pathlib import Path
 
-    from brats_pipeline.workflows import bundle_workflow
+    from brats_pipeline.bundle.workflows import bundle_workflow
 
     if not torch.cuda.is_available():
         assert bundle_workflow(bundle, "inference.json").parser.get_parsed_content("num_workers") == 0

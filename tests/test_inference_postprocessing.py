@@ -13,8 +13,8 @@ import pytest
 import torch
 from monai.transforms import LoadImaged
 
-from brats_pipeline.transforms import ThreadedNibabelReader
-from brats_pipeline.workflows import bundle_workflow
+from brats_pipeline.bundle.workflows import bundle_workflow
+from brats_pipeline.transforms.preprocessing import ThreadedNibabelReader
 
 
 def run_inference(bundle: str, root: Path, case: Path, **override) -> np.ndarray:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from brats_pipeline.labels import (
+from brats_pipeline.transforms.labels import (
     CLASSES_RC,
     CONVENTIONS,
     POST_TREATMENT_CONVENTIONS,
@@ -124,7 +124,7 @@ def test_argmax_classes_equal_monai_asdiscreted_with_ties_and_channels_last():
     ties, for a contiguous and a channels-last (the CPU inferer's) layout, metadata kept."""
     from monai.transforms import AsDiscreted
 
-    from brats_pipeline.labels import ArgmaxClassesd
+    from brats_pipeline.transforms.labels import ArgmaxClassesd
 
     probs = torch.rand(4, 12, 10, 8)
     probs[:, :3] = 0.25  # every class tied

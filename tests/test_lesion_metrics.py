@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from brats_pipeline.lesion_metrics import CHALLENGES, LESION_METRICS, get_challenge, lesion_wise_metrics
-from brats_pipeline.metrics import HD95_PENALTY_2023_MM, hd95
+from brats_pipeline.evaluation.lesions import CHALLENGES, LESION_METRICS, get_challenge, lesion_wise_metrics
+from brats_pipeline.evaluation.metrics import HD95_PENALTY_2023_MM, hd95
 
 SHAPE = (48, 48, 40)
 PENALTY = HD95_PENALTY_2023_MM

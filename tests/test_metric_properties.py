@@ -8,14 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from brats_pipeline.labels import (
+from brats_pipeline.evaluation.metrics import HD95_EMPTY_MM, hd95, region_metrics
+from brats_pipeline.transforms.labels import (
     CONVENTIONS,
     classes_to_label,
     label_to_classes,
     label_to_regions,
     regions_to_label,
 )
-from brats_pipeline.metrics import HD95_EMPTY_MM, hd95, region_metrics
 
 SETTINGS = settings(max_examples=40, deadline=None)
 shapes = st.tuples(st.integers(2, 8), st.integers(2, 8), st.integers(2, 8))

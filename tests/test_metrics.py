@@ -10,18 +10,9 @@ import torch
 from monai.metrics import DiceMetric
 from scipy import ndimage
 
-from brats_pipeline.labels import LabelConventionError, regions_to_label
-from brats_pipeline.metrics import (
-    HD95_EMPTY_MM,
-    METRICS,
-    BratsHD95Metric,
-    case_metrics,
-    hd95,
-    metrics_to_rows,
-    nsd,
-    region_metrics,
-    summarize,
-)
+from brats_pipeline.evaluation.metrics import HD95_EMPTY_MM, METRICS, NSD_TOLERANCE_MM, hd95, region_metrics, summarize
+from brats_pipeline.evaluation.scoring import case_scores
+from brats_pipeline.transforms.labels import LabelConventionError, regions_to_label
 
 SHAPE = (12, 12, 12)
 
@@ -43,6 +34,19 @@ def _plane(axis: int, index: int, side: int = 6) -> np.ndarray:
     sl[axis] = slice(index, index + 1)
     m[tuple(sl)] = True
     return m
+
+
+def _nsd(pred, ref, spacing=1.0, tolerance_mm=NSD_TOLERANCE_MM, mode="surface", empty_rule="count") -> float:
+    """The normalised surface Dice of two masks ``(*spatial)`` as :func:`region_metrics` reports it."""
+    m = region_metrics(
+        pred[None], ref[None], spacing, ("ET",), hd95_mode=mode, nsd_tolerance_mm=tolerance_mm, empty_rule=empty_rule
+    )
+    return m["ET"]["nsd"]
+
+
+def _rows(case_id: str, metrics) -> list[dict]:
+    """``{region: {metric: value}}`` -> long rows ``{"case_id", "region", *metrics}`` as the scoring tables hold."""
+    return [{"case_id": case_id, "region": region, **values} for region, values in metrics.items()]
 
 
 def _medpy_directed(a: np.ndarray, b: np.ndarray, spacing) -> np.ndarray:
@@ -185,22 +189,22 @@ def test_input_validation():
 # --- label maps -----------------------------------------------------------------------------------------------------
 
 
-def test_case_metrics_brats2023_labels():
+def test_case_scores_brats2023_labels():
     ref = np.zeros(SHAPE, dtype=np.uint8)
     ref[2:8, 2:8, 2:8] = 2  # edema
     ref[3:7, 3:7, 3:7] = 1  # necrosis
     ref[4:6, 4:6, 4:6] = 3  # ET (2023 value)
-    m = case_metrics(ref, ref, "brats2023", (1.0, 1.0, 1.0))
+    m = case_scores(ref, ref, "brats2023", (1.0, 1.0, 1.0))
     assert m["ET"]["volume_ref_ml"] == pytest.approx(8 / 1000)
     assert m["TC"]["volume_ref_ml"] == pytest.approx(64 / 1000)
     assert m["WT"]["volume_ref_ml"] == pytest.approx(216 / 1000)
     assert all(m[r]["dice"] == 1.0 and m[r]["hd95"] == 0.0 for r in m)
 
     pred_2018 = np.where(ref == 3, 4, ref)  # same segmentation in the 2018 convention
-    m2 = case_metrics(pred_2018, ref, "brats2023", pred_convention="brats2018")
+    m2 = case_scores(pred_2018, ref, "brats2023", pred_convention="brats2018")
     assert m2 == m
     with pytest.raises(LabelConventionError, match="pred.nii.gz"):
-        case_metrics(pred_2018, ref, "brats2023", pred_source="pred.nii.gz")
+        case_scores(pred_2018, ref, "brats2023", pred_source="pred.nii.gz")
 
 
 # --- MONAI metrics used during training ---------------------------------------------------------------------------
@@ -228,28 +232,10 @@ def test_monai_dice_metric_ignore_empty_false_matches_brats_rule():
     assert torch.isnan(default.aggregate()).any()
 
 
-def test_brats_hd95_metric_cumulates_with_empty_rules():
-    pred, ref = _batch()
-    metric = BratsHD95Metric(spacing=(1.0, 1.0, 2.0), reduction="none")
-    metric(y_pred=pred[:2], y=ref[:2])
-    metric(y_pred=pred[2:], y=ref[2:])
-    per_case = metric.aggregate()
-    expected = torch.tensor(
-        [
-            [region_metrics(p, r, (1.0, 1.0, 2.0))[g]["hd95"] for g in ("TC", "WT", "ET")]
-            for p, r in zip(pred, ref, strict=True)
-        ]
-    )
-    assert torch.allclose(per_case, expected.float())
-    assert per_case[1, 0] == 0.0 and per_case[2, 2] == HD95_EMPTY_MM and per_case[3, 0] == HD95_EMPTY_MM
-    metric.reduction = "mean_batch"
-    assert torch.allclose(metric.aggregate(), expected.float().mean(0))
-
-
 def test_region_metrics_on_label_round_trip():
     pred, ref = _batch()
     label = regions_to_label(ref[0], "brats2018")
-    assert case_metrics(label, label, "brats2018")["WT"]["dice"] == 1.0
+    assert case_scores(label, label, "brats2018")["WT"]["dice"] == 1.0
 
 
 # --- summary statistics -------------------------------------------------------------------------------------------
@@ -260,7 +246,7 @@ def test_summarize_statistics():
     for case, value in enumerate([0.2, 0.4, 0.6, 1.0]):
         m = {r: {k: value for k in METRICS} for r in ("TC", "WT", "ET")}
         m["ET"]["hd95"] = 10.0 * case
-        rows += metrics_to_rows(f"case{case}", m)
+        rows += _rows(f"case{case}", m)
     s = summarize(rows)
     assert list(s) == ["ET", "TC", "WT"]
     d = s["WT"]["dice"]
@@ -307,11 +293,12 @@ def _toolkit_case() -> tuple[np.ndarray, np.ndarray]:
 )
 def test_surface_hd95_reproduces_the_2023_toolkit(spacing, expected):
     ref, pred = _toolkit_case()
-    m = case_metrics(pred, ref, "brats2023", spacing, hd95_mode="surface", hd95_empty_mm=374.0)
+    m = case_scores(pred, ref, "brats2023", spacing, hd95_mode="surface", hd95_empty_mm=374.0)
     for region, value in expected.items():
         assert m[region]["hd95"] == pytest.approx(value, rel=1e-6)
     # the voxel-based definitions differ on the same masks, by design
-    assert case_metrics(pred, ref, "brats2023", spacing)["WT"]["hd95"] != pytest.approx(expected["WT"], rel=1e-3)
+    voxels = case_scores(pred, ref, "brats2023", spacing, hd95_mode="max")["WT"]["hd95"]
+    assert voxels != pytest.approx(expected["WT"], rel=1e-3)
 
 
 def test_surface_hd95_parallel_planes_and_identity():
@@ -325,13 +312,13 @@ def test_surface_hd95_parallel_planes_and_identity():
 def test_nsd_known_cases():
     a, b = _plane(2, 2), _plane(2, 4)  # every boundary voxel 2 slices from the other plate
     spacing = (1.0, 1.0, 2.5)
-    assert nsd(a, a, spacing) == 1.0 and nsd(a, a, spacing, mode="max") == 1.0
-    assert nsd(a, b, spacing, tolerance_mm=4.9, mode="max") == 0.0  # 2 x 2.5 mm = 5 mm apart: spacing honoured
-    assert nsd(a, b, spacing, tolerance_mm=5.0, mode="max") == 1.0
-    assert nsd(a, b, (2.5, 1.0, 1.0), tolerance_mm=2.0, mode="max") == 1.0  # the shift is along the 1 mm axis
+    assert _nsd(a, a, spacing) == 1.0 and _nsd(a, a, spacing, mode="max") == 1.0
+    assert _nsd(a, b, spacing, tolerance_mm=4.9, mode="max") == 0.0  # 2 x 2.5 mm = 5 mm apart: spacing honoured
+    assert _nsd(a, b, spacing, tolerance_mm=5.0, mode="max") == 1.0
+    assert _nsd(a, b, (2.5, 1.0, 1.0), tolerance_mm=2.0, mode="max") == 1.0  # the shift is along the 1 mm axis
     empty = np.zeros(SHAPE, dtype=bool)
-    assert nsd(empty, empty) == 1.0 and nsd(a, empty) == 0.0 and nsd(empty, a) == 0.0
-    assert math.isnan(nsd(empty, empty, empty_rule="exclude"))
+    assert _nsd(empty, empty) == 1.0 and _nsd(a, empty) == 0.0 and _nsd(empty, a) == 0.0
+    assert math.isnan(_nsd(empty, empty, empty_rule="exclude"))
 
 
 @pytest.mark.parametrize("mode, subvoxels", [("surface", True), ("max", False), ("pooled", False)])
@@ -351,7 +338,7 @@ def test_nsd_agrees_with_monai(mode, subvoxels):
             spacing=spacing,
             use_subvoxels=subvoxels,
         )
-        assert nsd(a, b, spacing, tol, mode=mode) == pytest.approx(float(theirs), rel=1e-5)
+        assert _nsd(a, b, spacing, tol, mode=mode) == pytest.approx(float(theirs), rel=1e-5)
 
 
 def test_region_metrics_nsd_and_exclude_rule():
@@ -364,7 +351,7 @@ def test_region_metrics_nsd_and_exclude_rule():
         assert all(math.isnan(x[region][k]) for k in ("dice", "hd95", "nsd"))
     missed = region_metrics(_regions(empty, empty, empty), _regions(cube, cube, cube), empty_rule="exclude")["ET"]
     assert (missed["dice"], missed["hd95"], missed["nsd"]) == (0.0, HD95_EMPTY_MM, 0.0)
-    rows = metrics_to_rows("a", x) + metrics_to_rows("b", m)
+    rows = _rows("a", x) + _rows("b", m)
     s = summarize(rows)
     assert s["WT"]["dice"]["n"] == 1 and s["WT"]["dice"]["mean"] == 1.0 and math.isnan(s["WT"]["dice"]["std"])
     assert s["TC"]["dice"]["n"] == 2

@@ -1,4 +1,4 @@
-"""A model remembers how it was built: ``models/model_settings.json`` (:mod:`brats_pipeline.model_settings`).
+"""A model remembers how it was built: ``models/model_settings.json`` (:mod:`brats_pipeline.bundle.settings`).
 
 In-process: the file's content, :func:`trained_setting`, :func:`check_trained_settings` on real argv lists and
 :func:`config_arguments` on the shipped ``train.json``. End to end, for both bundles at tiny size (32^3 synthetic cases,
@@ -32,10 +32,8 @@ import torch
 from ignite.engine import Engine
 from monai.bundle import ConfigParser
 
-from brats_pipeline import command_line
-from brats_pipeline.bundle_packaging import package_bundle
-from brats_pipeline.layouts import CHANNELS
-from brats_pipeline.model_settings import (
+from brats_pipeline.bundle import command_line
+from brats_pipeline.bundle.settings import (
     SETTINGS_NAME,
     ModelSettingsError,
     ModelSettingsRecord,
@@ -46,7 +44,9 @@ from brats_pipeline.model_settings import (
     settings_record,
     trained_setting,
 )
-from brats_pipeline.synthetic import generate_dataset
+from brats_pipeline.data.layouts import CHANNELS
+from brats_pipeline.tools.packaging import package_bundle
+from brats_pipeline.tools.synthetic import generate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = ("segresnet_vae", "espnet3d")
@@ -60,49 +60,17 @@ PROGRESS_BAR = re.compile(r"^[^:]*: +\d+%\|")
 # --- the config lines (what bundles/*/configs/{train,inference,evaluate}.json are to carry) ------------------------
 
 
-def _trained(key: str, default: Any) -> dict[str, Any]:
-    if isinstance(default, dict) and default.get("_target_") == "brats_pipeline.model_settings.trained_setting":
-        return default  # the shipped config is wired already
-    return {
-        "_target_": "brats_pipeline.model_settings.trained_setting",
-        "_requires_": "@bundle_code",
-        "ckpt_dir": "@ckpt_dir",
-        "key": key,
-        "default": default,
-    }
-
-
 def _arguments(config_id: str) -> dict[str, Any]:
     return {
-        "_target_": "brats_pipeline.model_settings.config_arguments",
+        "_target_": "brats_pipeline.bundle.settings.config_arguments",
         "_requires_": "@bundle_code",
         "config_id": config_id,
     }
 
 
 CHECKED = {k: f"@{k}" for k in ("network_width", "include_rc", "brain_crop_margin", "brain_crop_k_divisible")}
-
-
-def _check(network: str, enabled: str | None) -> dict[str, Any]:
-    item = {
-        "_target_": "brats_pipeline.model_settings.check_trained_settings",
-        "_requires_": "@bundle_code",
-        "ckpt_dir": "@ckpt_dir",
-        "values": dict(CHECKED),
-        "normalize_intensity": "@normalize_intensity",
-        "network": network,
-    }
-    if enabled:
-        item["enabled"] = enabled
-    return item
-
-
-def _with_check(steps: list, check: dict) -> list:
-    """``initialize`` with the check right after ``$@bundle_code`` (once: a wired config already has it)."""
-    if any(isinstance(s, dict) and s.get("_target_") == check["_target_"] for s in steps):
-        return steps
-    at = steps.index("$@bundle_code") + 1
-    return [*steps[:at], check, *steps[at:]]
+#: the keys that read ``@trained`` in each config
+TRAINED_KEYS = {"inference": (*CHECKED, "sw_roi_size"), "evaluate": tuple(CHECKED)}
 
 
 def shipped(bundle: str, name: str) -> dict[str, Any]:
@@ -111,7 +79,7 @@ def shipped(bundle: str, name: str) -> dict[str, Any]:
 
 def wiring(bundle: str) -> dict[str, dict[str, Any]]:
     """The lines to add, per config file, as an overlay merged after the shipped file."""
-    inference = shipped(bundle, "inference")
+    inference, evaluate = shipped(bundle, "inference"), shipped(bundle, "evaluate")
     return {
         "train": {
             "training_run#settings": {
@@ -125,21 +93,9 @@ def wiring(bundle: str) -> dict[str, dict[str, Any]]:
                 "include_rc": "@include_rc",
             }
         },
-        "inference": {
-            "network_width": _trained("network_width", 32),
-            "include_rc": _trained("include_rc", False),
-            "brain_crop_margin": _trained("brain_crop_margin", 0),
-            "brain_crop_k_divisible": _trained("brain_crop_k_divisible", inference["brain_crop_k_divisible"]),
-            "sw_roi_size": _trained("roi_size", inference["sw_roi_size"]),
-            "initialize": _with_check(inference["initialize"], _check("@network", "@load_bundle_model")),
-        },
-        "evaluate": {
-            "network_width": _trained("network_width", 32),
-            "include_rc": _trained("include_rc", False),
-            "brain_crop#margin": _trained("brain_crop_margin", "@brain_crop_margin"),
-            "brain_crop#k_divisible": _trained("brain_crop_k_divisible", "@brain_crop_k_divisible"),
-            "initialize": _with_check(shipped(bundle, "evaluate")["initialize"], _check("@inference_network", None)),
-        },
+        # inference.json and evaluate.json read every trained setting through one component (``trained``)
+        "inference": {k: inference[k] for k in ("trained", *TRAINED_KEYS["inference"], "initialize")},
+        "evaluate": {k: evaluate[k] for k in ("trained", *TRAINED_KEYS["evaluate"], "initialize")},
     }
 
 
@@ -162,11 +118,14 @@ def merged(config: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
 def test_wiring_differs_between_bundles_only_in_paper_keys():
     """The same lines in both bundles except the defaults that differ by paper (brain crop k, sliding window)."""
     a, b = (wiring(bundle) for bundle in BUNDLES)
-    assert a["train"] == b["train"] and a["evaluate"] == b["evaluate"]
-    assert {k for k in a["inference"] if a["inference"][k] != b["inference"][k]} == {
-        "brain_crop_k_divisible",
-        "sw_roi_size",
-    }
+    assert a["train"] == b["train"]
+    for name in ("inference", "evaluate"):
+        assert {k for k in a[name] if a[name][k] != b[name][k]} <= {"trained"}
+        for key in TRAINED_KEYS[name]:
+            assert a[name][key].startswith("$@trained["), (name, key)  # the shipped key reads the trained value
+        da, db = a[name]["trained"]["defaults"], b[name]["trained"]["defaults"]
+        assert {k for k in da if da[k] != db[k]} <= {"brain_crop_k_divisible", "roi_size"}
+        assert any("@trained.check(" in s for s in a[name]["initialize"] if isinstance(s, str))
 
 
 # --- in-process -----------------------------------------------------------------------------------------------------
@@ -221,7 +180,7 @@ def test_command_line_value_against_the_trained_one(tmp_path):
             "brain_crop_margin": 0,
             "brain_crop_k_divisible": 8,
             "network_def": {"_target_": "SegResNet", "init_filters": 8, "blocks_down": [1, 2, 2, 4]},
-            "normalize_intensity": {"_target_": "brats_pipeline.transforms.NormalizeNonzeroIntensityd"},
+            "normalize_intensity": {"_target_": "brats_pipeline.transforms.preprocessing.NormalizeNonzeroIntensityd"},
         }
     )
     (tmp_path / SETTINGS_NAME).write_text(json.dumps(settings))
@@ -304,7 +263,7 @@ def test_config_arguments_of_the_shipped_train_json(bundle):
     assert "_requires_" not in net and net["in_channels"] == 4
     if bundle == "segresnet_vae":
         assert net["init_filters"] == 8 and net["out_channels"] == 3 and net["vae_input_size"] == ROI[bundle]
-        assert norm == {"_target_": "brats_pipeline.transforms.NormalizeNonzeroIntensityd", "keys": "image"}
+        assert norm == {"_target_": "brats_pipeline.transforms.preprocessing.NormalizeNonzeroIntensityd", "keys": "image"}
     else:
         assert net["channels"] == [4, 8, 32, 64] and net["out_channels"] == 4
         assert norm == {"_target_": "ScaleIntensityd", "keys": "image", "minv": 0.0, "maxv": 1.0, "channel_wise": True}

@@ -9,7 +9,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import NormalizeIntensityd
 
-from brats_pipeline.transforms import NormalizeNonzeroIntensityd
+from brats_pipeline.transforms.preprocessing import NormalizeNonzeroIntensityd
 
 
 def test_matches_monai_nonzero_channel_wise():

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from brats_pipeline.datalist import find_cases
-from brats_pipeline.synthetic import generate_dataset
+from brats_pipeline.data.datalist import find_cases
+from brats_pipeline.tools.synthetic import generate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {"segresnet_vae": "[16,16,16]", "espnet3d": "[24,24,24]"}

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from brats_pipeline.prediction_runs import RECORD_NAME
-from brats_pipeline.workflows import bundle_workflow
+from brats_pipeline.bundle.workflows import bundle_workflow
+from brats_pipeline.inference.runs import RECORD_NAME
 
 
 def inference(bundle: str, root: Path, cases: Path, **override):

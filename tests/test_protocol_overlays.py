@@ -1,5 +1,5 @@
 """The papers' protocols (``configs/segresnet_paper_protocol.json``, ``configs/espnet_paper_protocol.json``) and their
-pieces in :mod:`brats_pipeline.protocols`: 3D-ESPNet's three-pass epoch (``ResizedPasses``, ``PassBatchSampler``),
+pieces in :mod:`brats_pipeline.training.epochs`, :mod:`~brats_pipeline.training.records` and :mod:`~brats_pipeline.evaluation.plan`: 3D-ESPNet's three-pass epoch (``ResizedPasses``, ``PassBatchSampler``),
 Myronenko's final model trained on all cases (``FinalModelSaver``), the record of which cases a run saw
 (``CaseRecord``) and the honest evaluation statement (``evaluation_plan``).
 
@@ -21,15 +21,11 @@ from ignite.engine import Engine, Events
 from monai.bundle import ConfigWorkflow
 from monai.data import DataLoader, Dataset
 
-from brats_pipeline.inference import BratsInferer
-from brats_pipeline.protocols import (
-    CaseRecord,
-    FinalModelSaver,
-    PassBatchSampler,
-    ResizedPasses,
-    evaluation_plan,
-    read_case_record,
-)
+from brats_pipeline.evaluation.plan import evaluation_plan
+from brats_pipeline.inference.inferer import BratsInferer
+from brats_pipeline.training.checkpointing import FinalModelSaver
+from brats_pipeline.training.epochs import PassBatchSampler, ResizedPasses
+from brats_pipeline.training.records import CaseRecord, read_case_record
 from custom_networks.segresnet_vae import VAE_PREFIX
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +37,7 @@ WIDTH = 8
 EVALUATE_KEYS = {
     "eval_split": "fold",
     "eval_plan": {
-        "_target_": "brats_pipeline.protocols.evaluation_plan",
+        "_target_": "brats_pipeline.evaluation.plan.evaluation_plan",
         "datalist": "@datalist",
         "fold": "@fold",
         "split": "@eval_split",
@@ -382,7 +378,7 @@ def test_espnet_paper_protocol_epoch_is_three_resized_passes(synthetic_dataset, 
 def test_evaluate_a_held_out_folder(synthetic_dataset, tmp_path):
     """A model trained on the synthetic dataset, evaluated with ``--dataset_dir <another labelled folder>
     --eval_split all``: the statement, from the run's ``cases.json``, says the score is held out."""
-    from brats_pipeline.synthetic import generate_dataset
+    from brats_pipeline.tools.synthetic import generate_dataset
 
     holdout = tmp_path / "holdout"
     generate_dataset(holdout, 2, "brats2023", (32, 32, 32), seed=7, start_index=501)

@@ -6,7 +6,7 @@ unmodified except for size overrides on the command line, on a synthetic BraTS 2
 2 folds: 2 training and 2 validation cases, batch 1, so 2 iterations per epoch; 4 epochs, killed in epoch 3), with
 the default persistent data cache: the resumed run reads the entries the killed run wrote.
 Deleting the resume wiring, the RNG/best-metric state, the atomic saver or the label check from the shipped
-wiring (``brats_pipeline.training_run.TrainingRun``, named by both ``train.json``) makes this test fail.
+wiring (``brats_pipeline.training.run.TrainingRun``, named by both ``train.json``) makes this test fail.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from brats_pipeline.synthetic import generate_dataset
+from brats_pipeline.tools.synthetic import generate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 4

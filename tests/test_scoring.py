@@ -14,9 +14,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brats_pipeline.labels import LabelConventionError
-from brats_pipeline.metrics import HD95_EMPTY_MM
-from brats_pipeline.scoring import (
+from brats_pipeline.evaluation.metrics import HD95_EMPTY_MM
+from brats_pipeline.evaluation.scoring import (
     PER_CASE_COLUMNS,
     RULE_SETS,
     ConventionError,
@@ -28,7 +27,8 @@ from brats_pipeline.scoring import (
     match_predictions,
     score_folders,
 )
-from brats_pipeline.synthetic import generate_dataset
+from brats_pipeline.tools.synthetic import generate_dataset
+from brats_pipeline.transforms.labels import LabelConventionError
 
 SHAPE = (16, 16, 12)
 SPACING = (1.0, 1.0, 2.0)
@@ -83,7 +83,7 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 def test_cli_writes_per_case_and_summary(folders, tmp_path):
     label_dir, pred_dir, refs, preds = folders
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "brats_pipeline.scoring", "--pred_dir", str(pred_dir), "--label_dir", str(label_dir)]
+    cmd = [sys.executable, "-m", "brats_pipeline.evaluation.scoring", "--pred_dir", str(pred_dir), "--label_dir", str(label_dir)]
     cmd += ["--convention", "brats2023", "--output_dir", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -206,7 +206,7 @@ def test_prediction_in_another_convention(folders):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "brats_pipeline.scoring", *args]
+    cmd = [sys.executable, "-m", "brats_pipeline.evaluation.scoring", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from brats_pipeline import synthetic
-from brats_pipeline.labels import CONVENTIONS, label_to_regions
-from brats_pipeline.layouts import CHANNELS, LAYOUTS, MSD_CHANNELS
-from brats_pipeline.synthetic import brats_affine, ensure_dataset, generate_case, generate_dataset, write_case
+from brats_pipeline.data.layouts import CHANNELS, LAYOUTS, MSD_CHANNELS
+from brats_pipeline.tools import synthetic
+from brats_pipeline.tools.synthetic import brats_affine, ensure_dataset, generate_case, generate_dataset, write_case
+from brats_pipeline.transforms.labels import CONVENTIONS, label_to_regions
 
 SHAPE = (48, 44, 40)
 

@@ -16,15 +16,15 @@ from monai.losses import DiceLoss
 from monai.transforms import Compose, EnsureChannelFirstd, EnsureTyped, LoadImaged
 from monai.utils import set_determinism
 
-from brats_pipeline.checkpointing import AtomicCheckpointSaver
-from brats_pipeline.labels import LabelConventionError
-from brats_pipeline.training_guards import (
+from brats_pipeline.training.checkpointing import AtomicCheckpointSaver
+from brats_pipeline.training.guards import (
     NonFiniteLossError,
     NonFiniteLossGuard,
     batch_case_names,
     check_label_files,
     label_values,
 )
+from brats_pipeline.transforms.labels import LabelConventionError
 
 
 def write_nifti(path: Path, arr: np.ndarray) -> str:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from brats_pipeline.writers import RecordStartTimed, SaveLabelMapd, write_nifti_atomic
+from brats_pipeline.inference.writers import RecordStartTimed, SaveLabelMapd, write_nifti_atomic
 
 REAL_CASE = Path(__file__).resolve().parents[1].parent / "shared/data/BraTS-GLI-00001-000"
 
@@ -79,7 +79,7 @@ def test_no_overwrite_unless_asked(tmp_path, caplog):
 
     saver = SaveLabelMapd(keys="pred", output_dir=tmp_path)
     data = {"pred": MetaTensor(torch.zeros(1, *SHAPE), meta=label_metatensor().meta), "case_id": "c"}
-    with caplog.at_level(logging.INFO, logger="brats_pipeline.writers"):
+    with caplog.at_level(logging.INFO, logger="brats_pipeline.inference.writers"):
         saver(data)
     assert "not overwritten" in caplog.text
     assert path.read_bytes() == before and path.stat().st_mtime_ns == mtime
@@ -147,7 +147,7 @@ def test_save_label_map_geometry_case_id_and_probabilities(tmp_path, caplog):
     prob = torch.rand(3, *SHAPE, generator=torch.Generator().manual_seed(0))
     saver = SaveLabelMapd(keys="pred", output_dir=tmp_path / "out", save_probabilities=True, prob_key="prob")
     data = RecordStartTimed()({"pred": label_metatensor(), "prob": prob})  # no case_id: from the file name
-    with caplog.at_level(logging.INFO, logger="brats_pipeline.writers"):
+    with caplog.at_level(logging.INFO, logger="brats_pipeline.inference.writers"):
         out = saver(data)
     assert out["pred"] is data["pred"]
     assert "for this case" in caplog.text
@@ -168,7 +168,7 @@ def test_save_label_map_geometry_case_id_and_probabilities(tmp_path, caplog):
     assert p8.get_data_dtype() == np.uint8
     assert np.abs(p8.get_fdata() - np.moveaxis(prob.numpy(), 0, -1)).max() <= 1 / 510 + 1e-6
 
-    with caplog.at_level(logging.INFO, logger="brats_pipeline.writers"):
+    with caplog.at_level(logging.INFO, logger="brats_pipeline.inference.writers"):
         SaveLabelMapd(keys="pred", output_dir=tmp_path / "t", output_postfix="_seg")(
             {"pred": label_metatensor(), "case_id": "y"}
         )
@@ -208,8 +208,8 @@ def test_real_case_prediction_written_in_input_geometry(tmp_path):
         Orientationd,
     )
 
-    from brats_pipeline.inference import BratsInferer
-    from brats_pipeline.labels import RegionsToLabel
+    from brats_pipeline.inference.inferer import BratsInferer
+    from brats_pipeline.transforms.labels import RegionsToLabel
 
     files = [str(REAL_CASE / f"BraTS-GLI-00001-000-{m}.nii.gz") for m in ("t1c", "t1n", "t2w", "t2f")]
     pre = Compose(

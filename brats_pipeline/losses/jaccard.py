@@ -8,7 +8,7 @@
   (:func:`class_weights_from_frequencies`, :func:`class_weights_from_labels`).
 
 Predictions are logits ``(B, C, H, W, D)``; targets are contiguous class indices ``(B, 1, H, W, D)`` (float
-or integer, as :class:`brats_pipeline.labels.LabelToClassesd` gives them: 0 background, 1 NCR/NET, 2 ED, 3 ET).
+or integer, as :class:`brats_pipeline.transforms.labels.LabelToClassesd` gives them: 0 background, 1 NCR/NET, 2 ED, 3 ET).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.losses import DiceLoss
 
-from brats_pipeline.labels import check_label_values, get_convention
+from brats_pipeline.transforms.labels import check_label_values, get_convention
 
 __all__ = [
     "WeightedJaccardLoss",
@@ -160,7 +160,7 @@ def class_weights_from_labels(
     """Class weights ``1 / ln(c + p_k)`` from the class frequencies of training label files.
 
     Each label NIfTI is read with nibabel, validated against its convention (an unknown value raises
-    :class:`brats_pipeline.labels.LabelConventionError` naming the file) and its voxels counted per contiguous
+    :class:`brats_pipeline.transforms.labels.LabelConventionError` naming the file) and its voxels counted per contiguous
     class (0 background, 1 NCR/NET, 2 ED, 3 ET). The counts are summed over all cases, so large volumes weigh
     more, as in the reference. Unlike the reference (``np.histogram(label, 4)``, whose bins follow each
     volume's own value range), every voxel is counted in its exact class.

@@ -1,0 +1,496 @@
+"""Command-line safety for ``python -m monai.bundle run``: overrides are checked before anything runs, and a user
+mistake ends the run with one line instead of a traceback.
+
+MONAI's bundle command line accepts any ``--key value``: a typo (``--epoch 1`` for ``--epochs``) adds an unused key
+and the run goes on with the default, and python-fire turns only ``True``/``False`` into booleans, so
+``--tta false`` is the truthy string ``'false'``. A wrong dataset folder or missing weights, on the other hand,
+end in a 30-70 line traceback with the one useful sentence in the middle. Two functions, both meant for the start
+of a config's ``initialize`` list, fix this:
+
+* :func:`check_command_line` reads the command line (``sys.argv``, the same in every ``torchrun`` worker), loads the
+  config files it names and raises :class:`CommandLineError` for an override the config does not hold (naming the
+  nearest keys) or a text value given to a boolean key.
+* :func:`install_error_handler` sets ``sys.excepthook`` so that a user mistake (:data:`USER_ERRORS`, found through
+  MONAI's "Failed to instantiate/evaluate" wrappers) prints ``error: <one line>`` and exits with status 1; every
+  other exception keeps Python's traceback, and ``BRATS_DEBUG=1`` restores the traceback for all of them.
+
+In a config, name them by ``_target_`` (a downloaded bundle has this package under ``scripts/``, which is on
+``sys.path`` only once ``@bundle_code`` ran, hence ``_requires_``)::
+
+    "initialize": [
+        {"_target_": "brats_pipeline.bundle.command_line.install_error_handler", "_requires_": "@bundle_code"},
+        {"_target_": "brats_pipeline.bundle.command_line.check_command_line", "_requires_": "@bundle_code"},
+        "$@bundle_code",
+        ...
+    ]
+
+Both do nothing in a process that is not ``python -m monai.bundle`` (``ConfigWorkflow`` or ``monai.bundle.run``
+called from Python), unless given ``argv`` / ``force=True``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import os
+import re
+import sys
+import traceback
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from monai.bundle import ConfigParser, ConfigWorkflow
+from monai.bundle.config_item import ComponentLocator
+from monai.bundle.scripts import create_workflow, run, run_workflow
+from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS, EXPR_KEY, ID_REF_KEY, ID_SEP_KEY, MACRO_KEY, MERGE_KEY
+from monai.utils.module import locate
+
+from brats_pipeline.data.screening import BadCasesError, CaseError, DatasetError
+from brats_pipeline.transforms.labels import LabelConventionError
+
+__all__ = [
+    "DEBUG_ENV",
+    "RUN_PARAMETERS",
+    "USER_ERRORS",
+    "CommandLineError",
+    "Override",
+    "check_command_line",
+    "fire_command",
+    "guard_bundle_run",
+    "install_error_handler",
+    "parse_command_line",
+    "user_error_message",
+]
+
+#: environment variable that restores full tracebacks (any value but "" or "0")
+DEBUG_ENV = "BRATS_DEBUG"
+#: ``monai.bundle`` commands whose overrides are checked
+CHECKED_COMMANDS = ("run", "run_workflow")
+#: strings a user may mean as a boolean, and the boolean they mean
+_BOOLEAN_WORDS = {
+    **dict.fromkeys(("true", "yes", "y", "on", "t", "1"), True),
+    **dict.fromkeys(("false", "no", "n", "off", "f", "0"), False),
+}
+_CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".ts")
+#: messages of the RuntimeErrors that MONAI raises ``from`` the real error
+_MONAI_WRAPPERS = ("Failed to instantiate component", "Failed to evaluate", "applying transform")
+_STATE_DICT_ERROR = "Error(s) in loading state_dict for"
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for (?P<name>\S+): copying a param with shape torch\.Size\((?P<ckpt>\[[^\]]*\])\) from "
+    r"checkpoint, the shape in current model is torch\.Size\((?P<model>\[[^\]]*\])\)"
+)
+_KEY_LIST = re.compile(r"(?P<kind>Missing|Unexpected) key\(s\) in state_dict: (?P<keys>.*)")
+
+
+class CommandLineError(ValueError):
+    """An override on the ``monai.bundle`` command line that would be ignored or misread."""
+
+
+#: exception types reported as one line by :func:`install_error_handler` (``CaseError`` and ``BadCasesError`` are
+#: ``DatasetError``\ s; a ``RuntimeError`` of ``load_state_dict`` is reported too)
+USER_ERRORS: tuple[type[BaseException], ...] = (CommandLineError, DatasetError, LabelConventionError, FileNotFoundError)
+_USER_ERROR_NAMES = frozenset(t.__name__ for t in (*USER_ERRORS, CaseError, BadCasesError))
+
+
+def _is_bundle_cli() -> bool:
+    """Whether this process is ``python -m monai.bundle`` (also each ``torchrun -m monai.bundle`` worker)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if getattr(spec, "name", None) == "monai.bundle.__main__":
+        return True
+    return bool(sys.argv) and Path(sys.argv[0]).parts[-3:] == ("monai", "bundle", "__main__.py")
+
+
+def _parameters(*functions: Callable) -> list[str]:
+    names: list[str] = []
+    for fn in functions:
+        for name, p in inspect.signature(fn).parameters.items():
+            if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and name != "self" and name not in names:
+                names.append(name)
+    return names
+
+
+#: keyword arguments of ``run``/``run_workflow`` themselves, in python-fire's positional order, and of what they call
+_POSITIONAL = {"run": _parameters(run), "run_workflow": _parameters(run_workflow)}
+RUN_PARAMETERS: frozenset[str] = frozenset(_parameters(run, run_workflow, create_workflow, ConfigWorkflow.__init__))
+
+
+@dataclass(frozen=True)
+class Override:
+    """One ``--key value`` of the command line.
+
+    Attributes:
+        flag: the flag as typed, e.g. ``--network_def#init_filters``.
+        key: the config id it sets, ``::``-separated (python-fire turns ``-`` into ``_``).
+        text: the value as typed (``"True"`` for a flag without value).
+        value: the value python-fire passes on (``True`` for ``True``, the string ``'true'`` for ``true``).
+    """
+
+    flag: str
+    key: str
+    text: str
+    value: Any
+
+
+def _is_flag(arg: str) -> bool:
+    # python-fire's rule: "--x", "-x", "-x=1"; "-1" is a value
+    return arg.startswith("--") or re.match(r"^-[a-zA-Z]", arg) is not None
+
+
+def _fire_value(text: str) -> Any:
+    from fire.parser import DefaultParseValue
+
+    return DefaultParseValue(text)
+
+
+def parse_command_line(argv: Sequence[str]) -> tuple[str, dict[str, Any], list[Override]]:
+    """Split ``monai.bundle`` arguments (``sys.argv[1:]``) the way python-fire does.
+
+    Returns:
+        the command (``"run"``), the arguments of ``run`` itself (``run_id``, ``config_file``, ...: positional or
+        ``--name value``) and the config overrides, in order.
+    """
+    args = list(argv)
+    if "--" in args:  # python-fire's own flags follow the last "--"
+        args = args[: len(args) - 1 - args[::-1].index("--")]
+    if not args:
+        return "", {}, []
+    command, args = args[0].replace("-", "_"), args[1:]
+    params: dict[str, Any] = {}
+    overrides: list[Override] = []
+    positional: list[str] = []
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        index += 1
+        if not _is_flag(arg):
+            positional.append(arg)
+            continue
+        key, has_value, text = arg.lstrip("-").partition("=")
+        key = key.replace("-", "_")
+        if not has_value:
+            if index < len(args) and not _is_flag(args[index]):
+                text = args[index]
+                index += 1
+            elif key.startswith("no") and key not in RUN_PARAMETERS:  # python-fire: a lone --noX sets X=False
+                key, text = key[2:], "False"
+            else:
+                text = "True"
+        value = _fire_value(text)
+        if key in RUN_PARAMETERS:
+            params[key] = value
+        else:
+            overrides.append(Override(arg.split("=", 1)[0], key.replace("#", ID_SEP_KEY), text, value))
+    for name in _POSITIONAL.get(command, []):
+        if positional and name not in params:
+            params[name] = _fire_value(positional.pop(0))
+    return command, params, overrides
+
+
+def _config_files(value: Any) -> list[str]:
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    value = str(value)
+    if not Path(value).is_file() and "," in value:  # as ConfigParser.load_config_files splits it
+        return value.split(",")
+    return [value]
+
+
+def _flatten(config: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``(id, value)`` of every item of a config, nested ids joined by ``::``."""
+    items = config.items() if isinstance(config, Mapping) else enumerate(config)
+    for k, v in items:
+        key = f"{prefix}{str(k).removeprefix(MERGE_KEY).replace('#', ID_SEP_KEY)}"
+        yield key, v
+        if isinstance(v, (Mapping, list)):
+            yield from _flatten(v, key + ID_SEP_KEY)
+
+
+def _target_signature(component: Mapping) -> inspect.Signature | None:
+    """The signature of a component's ``_target_``, or None when it cannot be located or inspected."""
+    target = component.get("_target_")
+    if not isinstance(target, str) or target.startswith((EXPR_KEY, ID_REF_KEY, MACRO_KEY)):
+        return None
+    try:
+        module = ComponentLocator().get_component_module_name(target)
+        if isinstance(module, list):
+            module = module[0]
+        obj = locate(f"{module}.{target}" if module else target)
+        return None if obj is None else inspect.signature(obj)
+    except Exception:  # an unimportable target fails later with its own error; nothing to check here
+        return None
+
+
+def _display(key: str, like: str) -> str:
+    """``--key`` written with the separator the user typed (``#`` unless they typed ``::``)."""
+    return "--" + (key if ID_SEP_KEY in like else key.replace(ID_SEP_KEY, "#"))
+
+
+def _check_boolean(override: Override, expects_bool: bool) -> str | None:
+    """The problem with a value that python-fire does not turn into the boolean the user meant, else None."""
+    value, flag, text = override.value, override.flag, override.text
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, str) and value.startswith((EXPR_KEY, ID_REF_KEY, MACRO_KEY)):
+        return None
+    word = str(value).strip().lower()
+    # the string 'false' is truthy whatever the key expects: never what was meant
+    if not (expects_bool or (isinstance(value, str) and word in ("true", "false"))):
+        return None
+    what = f"the string {value!r}" if isinstance(value, str) else f"the {type(value).__name__} {value!r}"
+    meant = _BOOLEAN_WORDS.get(word)
+    fix = f"write {flag} {meant}" if meant is not None else f"write {flag} True or {flag} False"
+    return f"{flag} {text} is {what}; {fix} (python-fire turns only True/False into booleans)"
+
+
+def _closest(word: str, candidates: Sequence[str], cutoff: float = 0.7, n: int = 3) -> list[str]:
+    """The candidates nearest to ``word`` by their last level (difflib's ratio): the best and those almost as near."""
+    last = word.rpartition(ID_SEP_KEY)[2]
+    ratio = {c: difflib.SequenceMatcher(None, last, c.rpartition(ID_SEP_KEY)[2]).ratio() for c in candidates}
+    scored = sorted(((r, c) for c, r in ratio.items()), reverse=True)
+    scored = [(r, c) for r, c in scored if r >= cutoff]
+    return [c for r, c in scored[:n] if r >= scored[0][0] - 0.05]
+
+
+def _check_override(override: Override, ids: Mapping[str, Any], extra: Sequence[str], where: str) -> str | None:
+    """The problem with one override (unknown key, or text for a boolean), else None."""
+    key = override.key.removeprefix(MERGE_KEY)
+    if key in ids or key in extra or key.split(ID_SEP_KEY)[0] == "_meta_":
+        return _check_boolean(override, isinstance(ids.get(key), bool))
+    levels = key.split(ID_SEP_KEY)
+    depth = next(i for i in range(len(levels)) if ID_SEP_KEY.join(levels[: i + 1]) not in ids)  # first unknown level
+    parent, missing = ID_SEP_KEY.join(levels[:depth]), ID_SEP_KEY.join(levels[: depth + 1])
+    candidates = [k for k in ids if k.rpartition(ID_SEP_KEY)[0] == parent] + ([] if parent else list(extra))
+    problem = ""
+    if depth == len(levels) - 1 and isinstance(ids.get(parent), Mapping):  # a new argument of an existing item
+        signature = _target_signature(ids[parent])
+        params = {} if signature is None else signature.parameters
+        if signature is None or levels[-1] in params or any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            default = params[levels[-1]].default if levels[-1] in params else None
+            return _check_boolean(override, isinstance(default, bool))
+        problem = f"{str(ids[parent]['_target_']).rsplit('.', 1)[-1]} takes no argument {levels[-1]!r}"
+        candidates += [f"{parent}{ID_SEP_KEY}{p}" for p in params]
+    rest = key[len(missing) :]
+    valid = [c for c in set(candidates) if not rest or isinstance(ids.get(c), (Mapping, list))]
+    close = _closest(missing, valid)
+    if close:
+        hint = "did you mean " + " or ".join(_display(c + rest, override.flag) for c in close) + "?"
+    elif not problem:
+        hint = f"{where} {'have' if ',' in where else 'has'} no key {_display(missing, override.flag)[2:]!r}"
+    else:
+        hint = ""
+    return f"unknown override {override.flag}: " + "; ".join(p for p in (problem, hint) if p)
+
+
+def _tracking_keys(tracking: Any) -> list[str]:
+    """Override keys a ``--tracking`` setting adds (e.g. ``experiment_name`` for ``mlflow``)."""
+    if tracking is None:
+        return []
+    try:
+        if isinstance(tracking, str) and tracking in DEFAULT_EXP_MGMT_SETTINGS:
+            settings = DEFAULT_EXP_MGMT_SETTINGS[tracking]
+        else:
+            settings = ConfigParser.load_config_files(tracking)
+    except Exception:  # MONAI reports an unreadable tracking file itself
+        return []
+    return list(settings.get("configs", {}))
+
+
+def check_command_line(argv: Sequence[str] | None = None) -> None:
+    """Refuse overrides of a ``python -m monai.bundle run`` command line that would be ignored or misread.
+
+    The config files are those of ``--config_file`` (one path, a list ``"['a.json','b.json']"`` merged in order as
+    MONAI merges them, or from ``--args_file``). An override is accepted when it is one of ``run``'s own arguments
+    (``run_id``, ``meta_file``, ``logging_file``, ``tracking``, ``workflow_type``, ...), an id of the merged config
+    (``epochs``, ``network_def#init_filters``, ``train::dataloader::batch_size``, list indices), a metadata id
+    (``_meta_#...``), or a new argument of an existing component whose ``_target_`` takes it. A value for a key
+    that is a JSON boolean (or a boolean argument) must be ``True``/``False`` (or an ``$``/``@`` expression); the
+    strings ``true``/``false`` are refused for every key.
+
+    Args:
+        argv: the arguments after the program, as ``sys.argv[1:]`` (``["run", "training", "--config_file", ...]``).
+            Default: ``sys.argv[1:]`` when this process is ``python -m monai.bundle``, else nothing is checked.
+
+    Raises:
+        CommandLineError: one message for every problem, e.g. ``unknown override --epoch: did you mean --epochs?``.
+    """
+    if argv is None:
+        if not _is_bundle_cli():
+            return
+        argv = sys.argv[1:]
+    command, params, overrides = parse_command_line(argv)
+    if command not in CHECKED_COMMANDS:
+        return
+    if params.get("args_file"):
+        for key, value in ConfigParser.load_config_file(str(params["args_file"])).items():
+            if key in RUN_PARAMETERS:
+                params.setdefault(key, value)
+            elif all(o.key != key.replace("#", ID_SEP_KEY) for o in overrides):
+                overrides.append(Override(f"--{key}", key.replace("#", ID_SEP_KEY), repr(value), value))
+    if not params.get("config_file"):
+        return  # MONAI refuses a run without config
+    files = _config_files(params["config_file"])
+    with warnings.catch_warnings():  # MONAI warns again about "+key" merges when it reads the files itself
+        warnings.simplefilter("ignore")
+        try:
+            config = ConfigParser.load_config_files(files)
+        except (OSError, ValueError) as e:
+            raise CommandLineError(f"cannot read --config_file {params['config_file']!r}: {e}") from e
+    ids = dict(_flatten(config))
+    extra = sorted(RUN_PARAMETERS | set(_tracking_keys(params.get("tracking"))))
+    where = ", ".join(Path(f).name for f in files)
+    problems = [_check_override(o, ids, extra, where) for o in overrides]
+    problems += [_check_boolean(Override(f"--{k}", k, str(v), v), False) for k, v in params.items()]
+    problems = [p for p in problems if p]
+    if len(problems) == 1:
+        raise CommandLineError(problems[0])
+    if problems:
+        raise CommandLineError(
+            f"{len(problems)} problems: " + " ".join(f"({n}) {p}" for n, p in enumerate(problems, 1))
+        )
+
+
+# --- one-line errors ---------------------------------------------------------------------------------------------
+
+
+def _one_line(text: str) -> str:
+    """A multi-line message (a list of bad cases) as one line: ``head item; item; ...``."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else ""
+    return f"{lines[0]} " + "; ".join(line.removeprefix("- ") for line in lines[1:])
+
+
+def _shape(text: str) -> str:
+    return text.replace(" ", "")
+
+
+def _checkpoint_path(error: BaseException) -> str | None:
+    """``load_path`` of the MONAI ``CheckpointLoader`` in whose call ``error`` was raised, if any."""
+    for frame, _ in traceback.walk_tb(error.__traceback__):
+        path = getattr(frame.f_locals.get("self"), "load_path", None)
+        if isinstance(path, (str, os.PathLike)):
+            return str(path)
+    return None
+
+
+def _state_dict_message(error: BaseException, text: str) -> str:
+    """``load_state_dict``'s error as one line: the first mismatching tensor and both shapes, or the missing keys."""
+    network = text.removeprefix(_STATE_DICT_ERROR).split(":", 1)[0].strip()
+    path = _checkpoint_path(error)
+    head = f"checkpoint {path} does not fit {network}" if path else f"the checkpoint does not fit {network}"
+    mismatches = list(_SIZE_MISMATCH.finditer(text))
+    if mismatches:
+        m = mismatches[0]
+        more = f" (and {len(mismatches) - 1} more tensors)" if len(mismatches) > 1 else ""
+        return (
+            f"{head}: {m['name']} has shape {_shape(m['ckpt'])} in the checkpoint but {_shape(m['model'])} in the "
+            f"network{more}; set --network_width (and any other network override) to the values it was trained with"
+        )
+    parts = []
+    for m in _KEY_LIST.finditer(text):
+        keys = [k.strip(' "') for k in m["keys"].rstrip(". ").split(",") if k.strip(' ".')]
+        parts.append(f"{len(keys)} {m['kind'].lower()} tensors (e.g. {keys[0]!r})")
+    return f"{head}: {', '.join(parts) or _one_line(text)}; is it a checkpoint of this bundle's network?"
+
+
+def _file_not_found_message(error: FileNotFoundError) -> str:
+    name = error.filename
+    if name is None:
+        return _one_line(str(error))
+    if str(name).endswith(_CHECKPOINT_SUFFIXES):
+        hint = "; train the bundle first, or put its weights there" if Path(str(name)).name == "model.pt" else ""
+        return f"checkpoint {name} does not exist{hint}"
+    return f"no such file or folder: {name}"
+
+
+def _message(error: BaseException) -> str | None:
+    """The one-line message of a user mistake, else None."""
+    text = str(error)
+    if "Original Traceback (most recent call last):" in text:
+        # re-raised from a DataLoader worker: the original exception survives only as traceback text
+        for line in text.splitlines():
+            m = re.match(r"^(?:[\w.]+\.)?(?P<name>\w+): (?P<message>.+)$", line)
+            if m and m["name"] in _USER_ERROR_NAMES:
+                return m["message"]
+        return None
+    if isinstance(error, FileNotFoundError):
+        return _file_not_found_message(error)
+    if isinstance(error, USER_ERRORS):
+        return _one_line(text)
+    if isinstance(error, RuntimeError) and text.startswith(_STATE_DICT_ERROR):
+        return _state_dict_message(error, text)
+    return None
+
+
+def user_error_message(error: BaseException) -> str | None:
+    """One line for a user mistake, looking through MONAI's wrappers (``RuntimeError("Failed to instantiate
+    component ...")`` raised from the real error); None for anything else, which deserves its traceback."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        message = _message(current)
+        if message is not None:
+            return message
+        if not (isinstance(current, RuntimeError) and str(current).startswith(_MONAI_WRAPPERS)):
+            return None
+        current = current.__cause__ or current.__context__
+    return None
+
+
+_previous_hook: Callable[[type[BaseException], BaseException, TracebackType | None], Any] | None = None
+
+
+def _excepthook(exc_type: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
+    message = None if os.environ.get(DEBUG_ENV, "") not in ("", "0") else user_error_message(error)
+    if message is None:
+        (_previous_hook or sys.__excepthook__)(exc_type, error, tb)
+        return
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+
+
+def install_error_handler(force: bool = False) -> None:
+    """Report user mistakes as ``error: <message>`` on one line of stderr (exit status 1, as for any uncaught
+    exception); keep Python's traceback for everything else.
+
+    User mistakes are :data:`USER_ERRORS` (a dataset folder that is missing, empty or holds bad cases, label values
+    outside the convention, a missing file or checkpoint, a refused override) and a checkpoint whose tensors do not
+    fit the network (``load_state_dict``'s size mismatch: the first tensor and both shapes are named). Setting the
+    environment variable ``BRATS_DEBUG=1`` restores full tracebacks. ``SystemExit`` (e.g.
+    :class:`~brats_pipeline.data.screening.CasesFailedError`) never reaches the hook and keeps its own behaviour.
+
+    Args:
+        force: install even when this process is not ``python -m monai.bundle`` (by default a workflow run from
+            Python leaves its caller's ``sys.excepthook`` alone).
+    """
+    global _previous_hook
+    if sys.excepthook is _excepthook or not (force or _is_bundle_cli()):
+        return
+    _previous_hook = sys.excepthook
+    sys.excepthook = _excepthook
+
+
+def fire_command(component: Any) -> None:
+    """Run ``component`` as a python-fire command line (the console commands ``brats-*`` and ``python -m``), with
+    user mistakes as one ``error:`` line (:func:`install_error_handler`)."""
+    import fire
+
+    install_error_handler(force=True)
+    fire.Fire(component)
+
+
+def guard_bundle_run() -> None:
+    """The first step of every bundle config's ``initialize``: :func:`install_error_handler`, then
+    :func:`check_command_line` (both do nothing outside ``python -m monai.bundle``)::
+
+        "initialize": [{"_target_": "brats_pipeline.bundle.command_line.guard_bundle_run", "_requires_": "@bundle_code"},
+                       ...]
+    """
+    install_error_handler()
+    check_command_line()
+

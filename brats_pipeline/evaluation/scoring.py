@@ -1,0 +1,716 @@
+"""Score a folder of predicted label maps against a folder of reference label maps, the way BraTS ranks (no model).
+
+Command line::
+
+    python -m brats_pipeline.evaluation.scoring --pred_dir P --label_dir L --output_dir O \\
+        [--convention brats2023] [--pred_convention brats2018] [--challenge GLI|SSA|MEN|MET|PED] \\
+        [--rules brats2023|captk|monai] [--on_missing worst|empty|skip|error] [--nsd_tolerance_mm 1.0] \\
+        [--label_scores True] [--hd95_mode surface|max|pooled] [--hd95_empty_mm 374]
+
+Per case and region (ET, TC, WT; plus RC for BraTS 2024 post-treatment labels; plus the single labels NETC and
+SNFH with ``--label_scores True``) the table holds the legacy metrics of :mod:`brats_pipeline.evaluation.metrics` (Dice,
+HD95, sensitivity, specificity, volumes, normalised surface Dice ``nsd`` at ``--nsd_tolerance_mm``) and the
+lesion-wise metrics of :mod:`brats_pipeline.evaluation.lesions` that the 2023+ challenges rank by (``lesion_dice``,
+``lesion_hd95``, ``lesion_tp``, ``lesion_fp``, ``lesion_fn``). ``docs/scoring.md`` describes every rule.
+
+* Label convention: ``--convention``, else detected from ``label_dir`` as the datalist builder does (the release's
+  folder layout; a 2023-style layout whose labels hold the value 4 is BraTS 2024 post-treatment, ``brats2024``).
+* Sub-challenge (lesion dilation and volume threshold): ``--challenge``, else from the ``BraTS-<SUB>-`` case ids,
+  else GLI.
+* Rule set (``--rules``, :data:`RULE_SETS`): HD95 definition, empty-region rule and penalty. The default,
+  ``brats2023``, reproduces the BraTS 2023+ toolkit (area-weighted HD95, both-empty 1 / 0, penalty 374 mm).
+* Missing predictions: the command line scores them as the challenge does, with the worst value of every metric
+  (``--on_missing worst``), and warns with their count; ``empty`` scores an empty prediction, ``skip`` leaves
+  them out, ``error`` stops. :func:`score_folders` keeps ``skip`` as its default: the bundles' ``evaluate.json``
+  scores one fold's predictions against the whole dataset folder.
+
+Matching, by case id:
+
+* references: case folders anywhere under ``label_dir`` holding ``<case_id>/<case_id>-seg.nii.gz`` (or ``_seg``,
+  ``.nii``) as the BraTS releases ship them; or flat files directly in ``label_dir``, ``<case_id>[-_]seg.nii.gz``
+  (or, when there is neither a case folder nor a ``seg`` file, every ``<case_id>.nii.gz``, as MSD's ``labelsTr``).
+* predictions: any NIfTI under ``pred_dir`` named ``<case_id>.nii.gz``, else the one file whose name contains the
+  case id (not followed by another digit), e.g. MONAI ``SaveImage``'s ``<case_id>-t1c/<case_id>-t1c_seg.nii.gz``.
+
+Outputs (written atomically), in ``output_dir``:
+
+* ``metrics_per_case.csv``: long layout, one row per case and region (:data:`PER_CASE_COLUMNS`), regions in the
+  BraTS order ET, TC, WT (RC, NETC, SNFH after them). ``pivot`` gives the wide ``Dice_ET, ...`` portal table.
+* ``metrics_summary.csv``: one row per region and metric with ``n, mean, std (ddof=1), median, 25quantile,
+  75quantile``, the statistics of the BraTS result tables.
+* ``metrics_summary.json``: the same statistics nested ``{region: {metric: {stat: value}}}`` under ``"metrics"``,
+  with the settings and the unmatched cases.
+* ``metrics_summary.png``: the per-case distribution of legacy and lesion-wise Dice and HD95 per region.
+
+The summary table (means per region) is printed at the end. Spacing comes from the reference's header
+(``get_zooms``); HD95 and volumes are in mm and ml.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from monai.config import NdarrayOrTensor
+from tqdm import tqdm
+
+from brats_pipeline.atomic_files import write_json_atomic, write_text_atomic
+from brats_pipeline.bundle.command_line import fire_command
+from brats_pipeline.data.datalist import find_cases
+from brats_pipeline.data.layouts import MSD_CASE_PATTERN, MSD_LABEL_CONVENTION, layout_of_case, split_nifti_suffix
+from brats_pipeline.data.screening import DatasetError
+from brats_pipeline.evaluation.lesions import (
+    CHALLENGES,
+    DEFAULT_CHALLENGE,
+    LESION_METRICS,
+    LesionCriteria,
+    get_challenge,
+    lesion_wise_metrics,
+)
+from brats_pipeline.evaluation.metrics import (
+    HD95_EMPTY_MM,
+    HD95_MODES,
+    HD95_PENALTY_2023_MM,
+    METRICS,
+    NSD_TOLERANCE_MM,
+    REPORT_ORDER,
+    STATISTICS,
+    region_metrics,
+    summarize,
+)
+from brats_pipeline.transforms.labels import (
+    POST_TREATMENT_CONVENTIONS,
+    LabelConvention,
+    LabelConventionError,
+    get_convention,
+    label_to_regions,
+    region_names,
+)
+
+logger = logging.getLogger("brats_pipeline.evaluation.scoring")
+
+PER_CASE_CSV = "metrics_per_case.csv"
+SUMMARY_CSV = "metrics_summary.csv"
+SUMMARY_JSON = "metrics_summary.json"
+SUMMARY_PNG = "metrics_summary.png"
+#: every scored metric: the legacy ones, then the lesion-wise ones
+SCORE_METRICS: tuple[str, ...] = (*METRICS, *LESION_METRICS)
+PER_CASE_COLUMNS: tuple[str, ...] = ("case_id", "region", *SCORE_METRICS)
+ON_MISSING: tuple[str, ...] = ("worst", "empty", "skip", "error")
+#: single-label rows added by ``label_scores=True``: name -> :class:`LabelConvention` field
+LABEL_REGIONS: dict[str, str] = {"NETC": "necrosis", "SNFH": "edema"}
+_SEG = re.compile(r"^(?P<case>.+?)[-_]seg$")
+#: the conventions the scoring flags accept (see :mod:`brats_pipeline.transforms.labels`)
+CONVENTION_NAMES: tuple[str, ...] = ("brats2018", "brats2023", "brats2024", "msd")
+_SUB_CHALLENGE = re.compile(r"^BraTS-(?P<sub>[A-Z]+)-\d+")
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """How a leaderboard turned masks into numbers (see ``docs/scoring.md`` for the sources).
+
+    Args:
+        name: key in :data:`RULE_SETS`.
+        hd95_mode: HD95 definition, one of :data:`brats_pipeline.evaluation.metrics.HD95_MODES`.
+        empty_rule: ``"count"`` (both empty: Dice 1, HD95 0, counted) or ``"exclude"`` (empty reference: NaN).
+        hd95_penalty_mm: HD95 when exactly one mask is empty, of a missed lesion and of a false-positive lesion.
+        description: who used it.
+    """
+
+    name: str
+    hd95_mode: str
+    empty_rule: str
+    hd95_penalty_mm: float
+    description: str = ""
+
+
+RULE_SETS: dict[str, RuleSet] = {
+    "brats2023": RuleSet(
+        "brats2023",
+        hd95_mode="surface",
+        empty_rule="count",
+        hd95_penalty_mm=HD95_PENALTY_2023_MM,
+        description="BraTS 2023-2025 (Synapse / MedPerf): the lesion-wise toolkit, DeepMind surface distance",
+    ),
+    "captk": RuleSet(
+        "captk",
+        hd95_mode="pooled",
+        empty_rule="count",
+        hd95_penalty_mm=HD95_EMPTY_MM,
+        description="BraTS 2017-2022 (CBICA portal / Synapse, CaPTk), as nnU-Net reproduced it (MedPy hd95)",
+    ),
+    "monai": RuleSet(
+        "monai",
+        hd95_mode="max",
+        empty_rule="exclude",
+        hd95_penalty_mm=HD95_EMPTY_MM,
+        description="MONAI's metric defaults (ignore_empty=True, percentile 95, directed=False)",
+    ),
+}
+#: the rule set that reproduces the BraTS 2023+ leaderboard numbers
+DEFAULT_RULES = "brats2023"
+
+
+class ScoringError(ValueError):
+    """Prediction and reference files cannot be paired or compared."""
+
+
+class ConventionError(ScoringError, LabelConventionError):
+    """A label file does not fit the convention it is scored in; the message names the scoring flags."""
+
+
+def _flag(name: str, value: bool | str) -> bool:
+    """A command-line switch: python-fire passes ``True``/``False``, but ``--x false`` arrives as a string."""
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "0", "no"):
+        return False
+    raise ScoringError(f"{name} takes True or False, got {value!r}")
+
+
+def _choice(flag: str, value: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ScoringError(f"{flag} must be one of {', '.join(map(str, choices))}; got {value!r}")
+    return value
+
+
+def _nifti_stem(path: Path) -> str | None:
+    stem, suffix = split_nifti_suffix(path)
+    return stem if suffix else None
+
+
+def find_references(label_dir: str | os.PathLike) -> dict[str, Path]:
+    """Reference label files under ``label_dir``, keyed by case id (see the module docstring)."""
+    root = Path(label_dir)
+    if not root.is_dir():
+        raise ScoringError(f"label_dir {root} is not a directory")
+    refs: dict[str, Path] = {}
+
+    def add(case_id: str, path: Path) -> None:
+        if case_id in refs:
+            raise ScoringError(f"two references for case {case_id!r}: {refs[case_id]} and {path}")
+        refs[case_id] = path
+
+    for path in sorted(root.rglob("*")):
+        stem = _nifti_stem(path)
+        m = _SEG.match(stem) if stem else None
+        if m and path.parent != root and m.group("case") == path.parent.name:
+            add(m.group("case"), path)  # BraTS case folder
+    flat = [(p, _nifti_stem(p)) for p in sorted(root.iterdir()) if p.is_file() and _nifti_stem(p)]
+    seg_files = [(p, _SEG.match(s)) for p, s in flat if _SEG.match(s)]  # type: ignore[arg-type]
+    if seg_files:
+        for p, m in seg_files:
+            add(m.group("case"), p)  # type: ignore[union-attr]
+    elif not refs:  # MSD-style labelsTr: every NIfTI is a label map named after its case
+        for p, s in flat:
+            add(s, p)  # type: ignore[arg-type]
+    return refs
+
+
+def _case_pattern(case_id: str) -> re.Pattern:
+    # the case id as a whole token: "BRATS_001" must not match "BRATS_0012" nor "XBRATS_001"
+    return re.compile(rf"(?<![0-9A-Za-z]){re.escape(case_id)}(?![0-9])")
+
+
+def match_predictions(
+    case_ids: Sequence[str], pred_dir: str | os.PathLike
+) -> tuple[dict[str, Path], list[str], list[Path]]:
+    """Pair each case id with its prediction file under ``pred_dir``.
+
+    Returns:
+        ``(matched {case_id: path}, case ids without prediction, prediction files claimed by no case)``.
+    """
+    root = Path(pred_dir)
+    if not root.is_dir():
+        raise ScoringError(f"pred_dir {root} is not a directory")
+    files = [p for p in sorted(root.rglob("*")) if p.is_file() and _nifti_stem(p)]
+    matched: dict[str, Path] = {}
+    missing: list[str] = []
+    for case_id in case_ids:
+        exact = [p for p in files if _nifti_stem(p) == case_id]
+        pattern = _case_pattern(case_id)
+        candidates = exact or [p for p in files if pattern.search(p.name)]
+        if len(candidates) > 1:
+            shown = ", ".join(str(p) for p in candidates)
+            raise ScoringError(f"case {case_id!r}: several prediction files match ({shown}); keep one per case")
+        if candidates:
+            matched[case_id] = candidates[0]
+        else:
+            missing.append(case_id)
+    owners: dict[Path, str] = {}
+    for case_id, path in matched.items():
+        if path in owners:
+            raise ScoringError(f"prediction {path} matches both case {owners[path]!r} and case {case_id!r}")
+        owners[path] = case_id
+    unused = [p for p in files if p not in owners]
+    return matched, missing, unused
+
+
+def _load_label(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    img = nib.load(str(path))
+    data = np.asanyarray(img.dataobj)
+    if data.ndim == 4 and data.shape[-1] == 1:  # (H, W, D, 1) as some writers store a single channel
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise ScoringError(f"{path}: expected a 3-D label map, got shape {data.shape}")
+    spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
+    return data, img.affine, spacing
+
+
+def detect_convention(label_dir: str | os.PathLike, references: Mapping[str, Path] | None = None) -> str:
+    """The label convention of the reference labels in ``label_dir``, recognised as the datalist builder does.
+
+    The release comes from :func:`brats_pipeline.data.datalist.find_cases` (folder layout, MSD ``dataset.json``); for a
+    folder of label files alone, from the case ids of ``references`` (:func:`brats_pipeline.data.layouts.layout_of_case`,
+    MSD ``BRATS_NNN``). BraTS 2024 post-treatment glioma ships in the 2023 layout: when a reference of a 2023-style
+    folder holds the resection-cavity value 4, the convention is ``brats2024`` (this reads the labels once).
+
+    Raises:
+        ScoringError: nothing recognisable, or several releases mixed; the message names ``--convention``.
+    """
+    refs = dict(references) if references is not None else find_references(label_dir)
+    try:
+        conventions = {case["label_convention"] for case in find_cases(label_dir, check_files=False)}
+    except DatasetError:  # e.g. case folders holding only the label files: fall back to the case ids
+        conventions = set()
+        for case_id in refs:
+            layout = layout_of_case(case_id)
+            if layout is not None:
+                conventions.add(layout.label_convention)
+            elif re.fullmatch(MSD_CASE_PATTERN, case_id):
+                conventions.add(MSD_LABEL_CONVENTION)
+            else:
+                conventions.add("?")
+    if len(conventions) != 1 or "?" in conventions:
+        found = ", ".join(sorted(conventions)) or "no case"
+        raise ScoringError(
+            f"cannot tell the label convention of {label_dir} (found: {found}); pass --convention "
+            f"({', '.join(CONVENTION_NAMES)})"
+        )
+    convention = conventions.pop()
+    if convention == "brats2023":
+        cavity = POST_TREATMENT_CONVENTIONS["brats2024"].resection_cavity
+        for path in refs.values():
+            if np.any(np.asanyarray(nib.load(str(path)).dataobj) == cavity):
+                logger.info("%s holds label %d (resection cavity): BraTS 2024 post-treatment labels", path, cavity)
+                return "brats2024"
+    return convention
+
+
+def detect_challenge(case_ids: Sequence[str]) -> str:
+    """The BraTS 2023+ sub-challenge named by ``BraTS-<SUB>-NNNNN-NNN`` case ids, else :data:`DEFAULT_CHALLENGE`."""
+    subs = {m.group("sub") for c in case_ids if (m := _SUB_CHALLENGE.match(c))}
+    known = subs & set(CHALLENGES)
+    if len(known) > 1:
+        raise ScoringError(f"the case ids mix sub-challenges {sorted(known)}; pass --challenge")
+    return known.pop() if known else DEFAULT_CHALLENGE
+
+
+def _region_masks(
+    label: NdarrayOrTensor, conv: LabelConvention, source: str | None, with_rc: bool, label_scores: bool
+) -> tuple[tuple[str, ...], np.ndarray]:
+    """Region names and boolean masks ``(C, H, W, D)``: TC, WT, ET (+ RC) (+ NETC, SNFH)."""
+    include_rc = with_rc and conv.has_resection_cavity
+    masks = label_to_regions(label, conv, source, include_rc=include_rc).numpy() > 0.5
+    names = region_names(conv, include_rc)
+    lab = np.asarray(label)
+    lab = lab[0] if lab.ndim == 4 else lab
+    extra = []
+    if with_rc and not include_rc:  # a prediction without a cavity label predicts no cavity
+        names, extra = (*names, "RC"), [np.zeros(lab.shape, dtype=bool)]
+    if label_scores:
+        names = (*names, *LABEL_REGIONS)
+        extra += [lab == getattr(conv, field) for field in LABEL_REGIONS.values()]
+    return names, np.concatenate([masks, np.stack(extra)]) if extra else masks
+
+
+def case_scores(
+    pred_label: NdarrayOrTensor,
+    ref_label: NdarrayOrTensor,
+    convention: str | LabelConvention = "brats2023",
+    spacing: float | Sequence[float] = (1.0, 1.0, 1.0),
+    pred_convention: str | LabelConvention | None = None,
+    rules: str | RuleSet = DEFAULT_RULES,
+    challenge: str | LesionCriteria = DEFAULT_CHALLENGE,
+    nsd_tolerance_mm: float = NSD_TOLERANCE_MM,
+    label_scores: bool = False,
+    hd95_mode: str | None = None,
+    hd95_empty_mm: float | None = None,
+    pred_source: str | None = None,
+    ref_source: str | None = None,
+) -> dict[str, dict[str, float]]:
+    """Legacy and lesion-wise BraTS scores of one case from two label maps ``(H, W, D)`` or ``(1, H, W, D)``.
+
+    Args:
+        pred_label: predicted label map, in ``pred_convention`` (default: ``convention``).
+        ref_label: reference label map, in ``convention``.
+        convention: label convention of the reference; one with a resection cavity (``brats2024``) adds RC.
+        spacing: voxel size in mm.
+        pred_convention: convention of the prediction when it differs.
+        rules: a rule set of :data:`RULE_SETS` (HD95 definition, empty rule, penalty).
+        challenge: sub-challenge preset of :data:`brats_pipeline.evaluation.lesions.CHALLENGES` (or the criteria).
+        nsd_tolerance_mm: tolerance of the normalised surface Dice.
+        label_scores: also score the single labels NETC and SNFH (ET and RC are regions already).
+        hd95_mode, hd95_empty_mm: override the rule set's HD95 definition and penalty.
+        pred_source, ref_source: file names for error messages.
+
+    Returns:
+        ``{region: {metric: value}}`` with the metrics of :data:`SCORE_METRICS`.
+    """
+    rule = RULE_SETS[rules] if isinstance(rules, str) else rules
+    mode = hd95_mode or rule.hd95_mode
+    penalty = float(rule.hd95_penalty_mm if hd95_empty_mm is None else hd95_empty_mm)
+    criteria = get_challenge(challenge)
+    ref_conv = get_convention(convention)
+    pred_conv = get_convention(pred_convention or convention)
+    names, ref = _region_masks(ref_label, ref_conv, ref_source, ref_conv.has_resection_cavity, label_scores)
+    _, pred = _region_masks(pred_label, pred_conv, pred_source, ref_conv.has_resection_cavity, label_scores)
+    legacy = region_metrics(
+        pred, ref, spacing, names, penalty, 95.0, mode, nsd_tolerance_mm=nsd_tolerance_mm, empty_rule=rule.empty_rule
+    )
+    out: dict[str, dict[str, float]] = {}
+    for c, name in enumerate(names):
+        lesion = lesion_wise_metrics(
+            pred[c],
+            ref[c],
+            spacing,
+            criteria.dilation,
+            criteria.volume_threshold_mm3,
+            hd95_mode=mode,
+            hd95_penalty_mm=penalty,
+            empty_rule=rule.empty_rule,
+        )
+        out[name] = {**legacy[name], **lesion.as_row()}
+    return out
+
+
+def worst_scores(scores: Mapping[str, Mapping[str, float]], hd95_penalty_mm: float) -> dict[str, dict[str, float]]:
+    """The challenge's score of a missing prediction: the worst value of every ranked metric in every region (Dice,
+    sensitivity, specificity, NSD, lesion-wise Dice 0; HD95 and lesion-wise HD95 the penalty). ``scores`` are those
+    of an empty prediction, whose volumes and lesion counts are kept."""
+    worst = {"dice": 0.0, "hd95": hd95_penalty_mm, "sensitivity": 0.0, "specificity": 0.0, "nsd": 0.0}
+    worst |= {"lesion_dice": 0.0, "lesion_hd95": hd95_penalty_mm}
+    return {region: {**values, **worst} for region, values in scores.items()}
+
+
+def score_case(
+    pred_path: str | os.PathLike | None,
+    ref_path: str | os.PathLike,
+    convention: str | LabelConvention = "brats2023",
+    pred_convention: str | LabelConvention | None = None,
+    **score_kwargs,
+) -> dict[str, dict[str, float]]:
+    """Scores ``{region: {metric: value}}`` of one prediction file against one reference file.
+
+    ``pred_path=None`` scores an empty prediction. ``score_kwargs`` go to :func:`case_scores` (``rules``,
+    ``challenge``, ``nsd_tolerance_mm``, ``label_scores``, ``hd95_mode``, ``hd95_empty_mm``).
+    """
+    ref, ref_affine, spacing = _load_label(Path(ref_path))
+    if pred_path is None:
+        pred = np.zeros_like(ref)
+    else:
+        pred, pred_affine, _ = _load_label(Path(pred_path))
+        if pred.shape != ref.shape:
+            raise ScoringError(
+                f"prediction {pred_path} has shape {pred.shape} but its reference {ref_path} has shape {ref.shape}"
+            )
+        if not np.allclose(pred_affine, ref_affine, atol=1e-3):
+            logger.warning(
+                "prediction %s and reference %s have different affines; scoring voxel by voxel", pred_path, ref_path
+            )
+    try:
+        return case_scores(
+            pred,
+            ref,
+            convention,
+            spacing,
+            pred_convention=pred_convention,
+            pred_source=str(pred_path),
+            ref_source=str(ref_path),
+            **score_kwargs,
+        )
+    except LabelConventionError as e:
+        is_ref = e.source == str(ref_path)
+        flag = "--convention" if is_ref else "--pred_convention"
+        whose = "references" if is_ref else "predictions"
+        shown = ", ".join(f"{v:g}" for v in e.bad_values)
+        allowed = list(get_convention(e.convention or convention).values)
+        raise ConventionError(
+            f"{e.source}: label values {{{shown}}} are not part of the {e.convention!r} convention (allowed: "
+            f"{allowed}); give the {whose}' convention with {flag} ({', '.join(CONVENTION_NAMES)})",
+            source=e.source,
+            convention=e.convention,
+            bad_values=e.bad_values,
+        ) from None
+
+
+def _csv_text(columns: Sequence[str], rows: Sequence[Mapping]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _json_safe(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Mapping):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def score_folders(
+    pred_dir: str | os.PathLike,
+    label_dir: str | os.PathLike,
+    convention: str | None = None,
+    output_dir: str | os.PathLike | None = None,
+    pred_convention: str | None = None,
+    on_missing: str = "skip",
+    hd95_mode: str | None = None,
+    hd95_empty_mm: float | None = None,
+    progress: bool = True,
+    rules: str = DEFAULT_RULES,
+    challenge: str | None = None,
+    nsd_tolerance_mm: float = NSD_TOLERANCE_MM,
+    label_scores: bool = False,
+    figure: bool = True,
+    print_table: bool = True,
+    case_ids: Sequence[str] | None = None,
+) -> tuple[list[dict[str, float | str]], dict]:
+    """Score every reference case in ``label_dir`` against its prediction in ``pred_dir``.
+
+    Args:
+        pred_dir: folder (searched recursively) of predicted label NIfTIs.
+        label_dir: folder of reference label NIfTIs (flat or BraTS case folders).
+        convention: label convention of the references (``brats2018``, ``brats2023``, ``brats2024``, ``msd``);
+            ``None`` detects it (:func:`detect_convention`).
+        output_dir: where to write the CSV/JSON/PNG files; ``None`` writes nothing.
+        pred_convention: convention of the predictions, when it differs from ``convention``.
+        on_missing: a reference without prediction is scored ``"worst"`` (the challenge's rule), as an ``"empty"``
+            prediction, ``"skip"``-ped (the default here, for ``evaluate.json``) or an ``"error"``.
+        hd95_mode: override the rule set's HD95 definition (``"surface"``, ``"max"``, ``"pooled"``).
+        hd95_empty_mm: override the rule set's HD95 penalty.
+        progress: show a tqdm progress bar.
+        rules: rule set of :data:`RULE_SETS`; the default reproduces the BraTS 2023+ leaderboards.
+        challenge: sub-challenge preset (``GLI``, ``SSA``, ``MEN``, ``MET``, ``PED``); ``None``: from the case ids.
+        nsd_tolerance_mm: tolerance of the normalised surface Dice.
+        label_scores: add rows for the single labels NETC and SNFH.
+        figure: write ``metrics_summary.png`` next to the tables.
+        print_table: print the summary table to stdout at the end.
+        case_ids: score only these reference cases (``evaluate.json``: its validation fold); every one must have a
+            reference in ``label_dir``.
+
+    Returns:
+        ``(rows, summary)``: long rows (``case_id``, ``region``, metrics) and the content of
+        ``metrics_summary.json`` (settings, ``n_cases``, unmatched cases, ``"metrics"`` from
+        :func:`brats_pipeline.evaluation.metrics.summarize`).
+    """
+    _choice("on_missing (--on_missing)", on_missing, ON_MISSING)
+    _choice("rules (--rules)", rules, tuple(RULE_SETS))
+    if hd95_mode is not None:
+        _choice("hd95_mode (--hd95_mode)", hd95_mode, HD95_MODES)
+    rule = RULE_SETS[rules]
+    penalty = float(rule.hd95_penalty_mm if hd95_empty_mm is None else hd95_empty_mm)
+    refs = find_references(label_dir)
+    if not refs:
+        raise ScoringError(f"no reference label files found in {label_dir}")
+    if case_ids is not None:
+        unknown = sorted(set(case_ids) - set(refs))
+        if unknown:
+            raise ScoringError(f"no reference label in {label_dir} for case(s): {', '.join(unknown)}")
+        refs = {k: v for k, v in refs.items() if k in set(case_ids)}
+    if convention is None:
+        convention = detect_convention(label_dir, refs)
+        logger.info("label convention of %s: %s (detected; --convention overrides)", label_dir, convention)
+    for flag, name in (
+        ("convention (--convention)", convention),
+        ("pred_convention (--pred_convention)", pred_convention),
+    ):
+        if name is not None:
+            try:
+                get_convention(name)
+            except ValueError:
+                _choice(flag, name, CONVENTION_NAMES)
+    if challenge is None:
+        challenge = detect_challenge(sorted(refs))
+    try:
+        criteria = get_challenge(challenge)
+    except ValueError:
+        raise ScoringError(
+            f"challenge (--challenge) must be one of {', '.join(CHALLENGES)}; got {challenge!r}"
+        ) from None
+    matched, missing, unused = match_predictions(sorted(refs), pred_dir)
+    if missing:
+        what = {"worst": f"scored as worst (Dice 0, HD95 {penalty:g} mm)", "empty": "scored as empty predictions"}
+        logger.warning(
+            "%d of %d reference case(s) have NO PREDICTION, %s: %s",
+            len(missing),
+            len(refs),
+            what.get(on_missing, on_missing),
+            ", ".join(missing),
+        )
+        if on_missing == "error":
+            raise ScoringError(f"no prediction in {pred_dir} for case(s): {', '.join(missing)}")
+    if unused:
+        logger.warning("%d prediction file(s) match no reference: %s", len(unused), ", ".join(map(str, unused)))
+    cases = sorted(matched) if on_missing == "skip" else sorted(refs)
+    if not cases:
+        raise ScoringError(f"no prediction in {pred_dir} matches a reference case in {label_dir}")
+
+    score_kwargs = dict(
+        rules=rule,
+        challenge=criteria,
+        nsd_tolerance_mm=float(nsd_tolerance_mm),
+        label_scores=bool(label_scores),
+        hd95_mode=hd95_mode,
+        hd95_empty_mm=penalty,
+    )
+    rows: list[dict[str, float | str]] = []
+    for case_id in tqdm(cases, desc="scoring", unit="case", disable=not progress or not sys.stderr.isatty()):
+        scores = score_case(matched.get(case_id), refs[case_id], convention, pred_convention, **score_kwargs)
+        if case_id not in matched and on_missing == "worst":
+            scores = worst_scores(scores, penalty)
+        order = [r for r in REPORT_ORDER if r in scores] + [r for r in scores if r not in REPORT_ORDER]
+        rows += [{"case_id": case_id, "region": region, **scores[region]} for region in order]
+
+    summary = {
+        "convention": convention,
+        "pred_convention": pred_convention or convention,
+        "rules": asdict(rule),
+        "hd95_mode": hd95_mode or rule.hd95_mode,
+        "hd95_empty_mm": penalty,
+        "challenge": challenge if isinstance(challenge, str) else None,
+        "lesion_dilation": criteria.dilation,
+        "lesion_volume_threshold_mm3": criteria.volume_threshold_mm3,
+        "nsd_tolerance_mm": float(nsd_tolerance_mm),
+        "n_cases": len(cases),
+        "n_missing_predictions": len(missing),
+        "missing_predictions": missing,
+        "missing_predictions_scored_as": on_missing,
+        "unused_predictions": [str(p) for p in unused],
+        "metrics": summarize(rows, SCORE_METRICS, ddof=1),
+    }
+    if output_dir is not None:
+        out = Path(output_dir)
+        write_text_atomic(_csv_text(PER_CASE_COLUMNS, rows), out / PER_CASE_CSV, newline="")
+        stat_rows = [
+            {"region": region, "metric": metric, **stats}
+            for region, per_metric in summary["metrics"].items()
+            for metric, stats in per_metric.items()
+        ]
+        write_text_atomic(_csv_text(("region", "metric", "n", *STATISTICS), stat_rows), out / SUMMARY_CSV, newline="")
+        write_json_atomic(_json_safe(summary), out / SUMMARY_JSON)
+        if figure:
+            from brats_pipeline.evaluation.figures import scoring_summary_figure
+
+            scoring_summary_figure(rows, out / SUMMARY_PNG, hd95_penalty_mm=penalty, title=f"{len(cases)} cases")
+    if print_table:
+        print(format_table(summary), flush=True)
+    return rows, summary
+
+
+def format_table(summary: Mapping) -> str:
+    """The BraTS summary table: per region the mean legacy and lesion-wise Dice and HD95 (and NSD) of
+    :func:`score_folders`' summary, with a warning line when predictions were missing."""
+    lines = [
+        f"{'region':<7}{'n':>5}{'Dice':>9}{'HD95':>9}{'LesionDice':>12}{'LesionHD95':>12}{'NSD':>8}",
+    ]
+    for region, m in summary["metrics"].items():
+        values = (m["dice"]["mean"], m["hd95"]["mean"], m["lesion_dice"]["mean"], m["lesion_hd95"]["mean"])
+        lines.append(
+            f"{region:<7}{m['dice']['n']:>5}{values[0]:>9.4f}{values[1]:>9.2f}{values[2]:>12.4f}{values[3]:>12.2f}"
+            f"{m['nsd']['mean']:>8.4f}"
+        )
+    n_missing = summary.get("n_missing_predictions", 0)
+    if n_missing:
+        lines.append(
+            f"WARNING: {n_missing} case(s) without prediction ({summary['missing_predictions_scored_as']}): "
+            + ", ".join(summary["missing_predictions"])
+        )
+    return "\n".join(lines)
+
+
+def main(
+    pred_dir: str,
+    label_dir: str,
+    output_dir: str,
+    convention: str | None = None,
+    pred_convention: str | None = None,
+    on_missing: str = "worst",
+    rules: str = DEFAULT_RULES,
+    challenge: str | None = None,
+    nsd_tolerance_mm: float = NSD_TOLERANCE_MM,
+    label_scores: bool | str = False,
+    hd95_mode: str | None = None,
+    hd95_empty_mm: float | None = None,
+    figure: bool | str = True,
+) -> None:
+    """Command line entry: score, write the files into ``output_dir`` and print the table."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    score_folders(
+        pred_dir,
+        label_dir,
+        convention=convention,
+        output_dir=output_dir,
+        pred_convention=pred_convention,
+        on_missing=on_missing,
+        hd95_mode=hd95_mode,
+        hd95_empty_mm=None if hd95_empty_mm is None else float(hd95_empty_mm),
+        rules=rules,
+        challenge=challenge,
+        nsd_tolerance_mm=float(nsd_tolerance_mm),
+        label_scores=_flag("--label_scores", label_scores),
+        figure=_flag("--figure", figure),
+    )
+    written = [PER_CASE_CSV, SUMMARY_CSV, SUMMARY_JSON] + ([SUMMARY_PNG] if _flag("--figure", figure) else [])
+    print(f"wrote {', '.join(written)} to {output_dir}")
+
+
+__all__: Sequence[str] = (
+    "ScoringError",
+    "ConventionError",
+    "RuleSet",
+    "RULE_SETS",
+    "DEFAULT_RULES",
+    "ON_MISSING",
+    "PER_CASE_CSV",
+    "SUMMARY_CSV",
+    "SUMMARY_JSON",
+    "SUMMARY_PNG",
+    "PER_CASE_COLUMNS",
+    "SCORE_METRICS",
+    "find_references",
+    "match_predictions",
+    "detect_convention",
+    "detect_challenge",
+    "case_scores",
+    "worst_scores",
+    "score_case",
+    "score_folders",
+    "format_table",
+    "main",
+)
+
+
+def cli() -> None:
+    """Console command ``brats-score`` (also ``python -m brats_pipeline.evaluation.scoring``)."""
+    fire_command(main)
+
+
+if __name__ == "__main__":
+    cli()

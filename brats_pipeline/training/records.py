@@ -1,0 +1,101 @@
+"""JSON records a training run writes next to its weights when it starts: which cases it trained and selected on.
+
+:class:`CaseRecord` makes a training run write down which cases it trained on and selected on (``models/cases.json``),
+so that an evaluation can check exactly whether its cases are held out instead of inferring it from the fold.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ignite.engine import Engine, Events
+
+from brats_pipeline.atomic_files import write_json_atomic
+from brats_pipeline.data.layouts import entry_case_id
+from brats_pipeline.training.checkpointing import is_main_process
+
+__all__ = ["StartRecord", "CaseRecord", "read_case_record", "CASE_RECORD_NAME"]
+
+#: file a training run writes next to its checkpoints (see :class:`CaseRecord`)
+CASE_RECORD_NAME = "cases.json"
+
+
+def case_ids(items: Sequence[Mapping[str, Any]] | None) -> list[str]:
+    return sorted({entry_case_id(item) for item in items or () if isinstance(item, Mapping)})
+
+
+class StartRecord:
+    """Trainer handler: when training starts, write ``self.record`` as JSON to ``self.path`` (rank 0, atomically).
+
+    Subclasses set ``path`` and ``record``: :class:`CaseRecord` here, ``ModelSettingsRecord`` in
+    :mod:`brats_pipeline.bundle.settings`.
+    """
+
+    path: Path
+    record: dict[str, Any]
+
+    def attach(self, engine: Engine) -> None:
+        if not engine.has_event_handler(self, Events.STARTED):
+            engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine | None = None) -> Path:
+        if is_main_process():
+            write_json_atomic(self.record, self.path)
+        return self.path
+
+
+class CaseRecord(StartRecord):
+    """Trainer handler: when training starts, write which cases it trains on and which choose the model.
+
+    Writes ``ckpt_dir/cases.json`` (rank 0, atomically)::
+
+        {"trained_on": [case ids], "selected_on": [case ids], "model_selection": "best val_mean_dice" | "final",
+         "dataset_dir": ..., "fold": ..., "num_folds": ...}
+
+    :func:`evaluation_plan` reads it to tell exactly which scored cases a model has seen. Only a training run writes
+    it (the handler sits on the trainer, which evaluation and inference never run).
+
+    Args:
+        ckpt_dir: the checkpoint folder (``@ckpt_dir``).
+        train_files: the training cases (``@train_files``).
+        val_files: the validation cases whose metric chooses ``model.pt`` (``@val_files``).
+        model_selection: ``"best"`` (``model.pt`` is the best epoch by the validation key metric) or ``"final"``
+            (the last epoch's weights; the validation cases then choose nothing, but are still recorded as seen by
+            the validation when there are any).
+        extra: more entries for the file (``dataset_dir``, ``fold``, ``num_folds``, ``seed`` ...).
+    """
+
+    def __init__(
+        self,
+        ckpt_dir: str | os.PathLike,
+        train_files: Sequence[Mapping[str, Any]],
+        val_files: Sequence[Mapping[str, Any]] = (),
+        model_selection: str = "best",
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        if model_selection not in ("best", "final"):
+            raise ValueError(f"model_selection must be 'best' or 'final', got {model_selection!r}")
+        self.path = Path(ckpt_dir) / CASE_RECORD_NAME
+        self.record = {
+            "model_selection": "best val_mean_dice" if model_selection == "best" else "final",
+            "trained_on": case_ids(train_files),
+            "selected_on": case_ids(val_files) if model_selection == "best" else [],
+            "validated_on": case_ids(val_files),
+            **{k: v for k, v in (extra or {}).items()},
+        }
+
+
+def read_case_record(path: str | os.PathLike | None) -> dict | None:
+    """The content of a ``cases.json`` written by :class:`CaseRecord` (a file or its folder), ``None`` if absent."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_dir():
+        path = path / CASE_RECORD_NAME
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
