@@ -244,8 +244,7 @@ def test_settings_travel_with_the_weights_and_become_the_defaults(tmp_path):
     assert train["network_def"]["bn_momentum"] == 0.9 and train["network_def"]["in_channels"] == 4
     assert train["network_def"]["channels"] == shipped_train["network_def"]["channels"]  # an expression: follows width
     assert train["label_convention"] == shipped_train["label_convention"]  # an expression: the dataset's
-    width = inference["network_width"]
-    assert (width["default"] if isinstance(width, dict) else width) == 8
+    assert inference["trained"]["defaults"]["network_width"] == 8  # the packaged inference.json's own default
 
 
 def test_settings_file_named_on_the_command_line(tmp_path):

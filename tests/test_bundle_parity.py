@@ -69,14 +69,14 @@ PAPER_KEYS: dict[str, dict[str, str]] = {
     },
     "inference.json": {
         "network_def": "the two networks",
-        "sw_roi_size": "paper crops",
-        "brain_crop_k_divisible": "SegResNet downsamples 3 times",
+        "trained#defaults#roi_size": "paper crops",
+        "trained#defaults#brain_crop_k_divisible": "SegResNet downsamples 3 times",
         "normalize_intensity": "z-score vs min-max",
         "output_activation": "sigmoid vs softmax",
         "discretize": "threshold 0.5 vs argmax",
         "to_label": "regions -> labels vs classes -> labels",
     },
-    "evaluate.json": {},
+    "evaluate.json": {"trained#defaults#brain_crop_k_divisible": "SegResNet downsamples 3 times"},
     "multi_gpu_train.json": {},
 }
 

@@ -326,7 +326,7 @@ def test_odd_file_out_by_affine_and_single_bad_case(tmp_path):
 @pytest.mark.filterwarnings("ignore:parsing config_file")
 def test_bundle_inference_writes_the_good_cases_and_exits_with_the_bad_ones(mixed_folder, tmp_path):
     """espnet3d's inference.json (untrained, width 8) over the mixed folder: three label maps, then exit status 1
-    with the four bad cases. ``all_cases#keep_bad_cases`` is set here in case the config does not set it."""
+    with the four bad cases."""
     from monai.bundle import ConfigWorkflow
 
     from custom_networks.espnet3d import ESPNet3D
@@ -343,7 +343,6 @@ def test_bundle_inference_writes_the_good_cases_and_exits_with_the_bad_ones(mixe
         dataset_dir=str(mixed_folder),
         network_width=8,
         num_workers=0,
-        **{"all_cases#keep_bad_cases": True},
     )
     wf.initialize()
     wf.run()
