@@ -27,16 +27,25 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
+if __name__ == "__main__" and not __package__:
+    # run as a file: Python put benchmarks/ first on sys.path; import it as the package ``benchmarks`` instead
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-REPO = Path(__file__).resolve().parents[1]
+import torch  # noqa: E402
+
+from benchmarks.memory import gpu_peak_mib, reset_gpu_peak  # noqa: E402
+from benchmarks.tables import format_table  # noqa: E402
+from benchmarks.timing import ForwardTimer, median, sync, time_runs  # noqa: E402
+from benchmarks.training import train_step as make_train_step  # noqa: E402
+from brats_pipeline.bundle.workflows import bundle_workflow  # noqa: E402
+from brats_pipeline.tools.synthetic import generate_dataset  # noqa: E402
+
 BUNDLES = ("segresnet_vae", "espnet3d")
 #: paper settings (full run) and the tiny ones of --dry-run
 FULL = {
@@ -51,30 +60,15 @@ DRY = {
 }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _peak_reset(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
 def _peak_gib(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-
-def workflow(bundle: str, name: str, workflow_type: str, **overrides: Any):
-    from brats_pipeline.workflows import bundle_workflow
-
-    return bundle_workflow(bundle, name, workflow_type=workflow_type, **overrides)
+    mib = gpu_peak_mib(device)
+    return None if mib is None else mib / 1024
 
 
 def train_step(bundle: str, sizes: dict, steps: int, root: Path, dataset: Path) -> dict:
     """Median s/iteration of the bundle's network, loss and optimizer at the paper crop, AMP on CUDA."""
-    wf = workflow(
-        bundle, "train.json", "train", bundle_root=str(root), dataset_dir=str(dataset), num_folds=1, fold=-1, **sizes
+    wf = bundle_workflow(
+        bundle, "train.json", bundle_root=str(root), dataset_dir=str(dataset), num_folds=1, fold=-1, **sizes
     )
     p = wf.parser
     device, amp = p.get_parsed_content("device"), p.get_parsed_content("amp")
@@ -87,24 +81,11 @@ def train_step(bundle: str, sizes: dict, steps: int, root: Path, dataset: Path) 
         label = torch.randint(0, out_channels, (batch, 1, *sizes["roi_size"]), device=device).float()
     else:
         label = (torch.rand((batch, out_channels, *sizes["roi_size"]), device=device) > 0.7).float()
-    scaler = torch.amp.GradScaler("cuda", enabled=bool(amp and device.type == "cuda"))
     network.train()
-    times = []
-    _peak_reset(device)
-    for i in range(steps + 2):  # two warm-up steps (cudnn autotuning)
-        _sync(device)
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, enabled=bool(amp and device.type == "cuda")):
-            out = network(image)
-            loss = loss_fn(out, label)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        _sync(device)
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return {"s_per_iteration": statistics.median(times), "batch": batch, "peak_gib": _peak_gib(device)}
+    step = make_train_step(network, loss_fn, optimizer, image, label, amp=bool(amp))
+    reset_gpu_peak(device)
+    _, times = time_runs(step, warmup=2, repeats=steps)  # two warm-up steps (cudnn autotuning)
+    return {"s_per_iteration": median(times), "batch": batch, "peak_gib": _peak_gib(device)}
 
 
 def train_run(bundle: str, sizes: dict, epochs: int, root: Path, dataset: Path, num_workers: int | None) -> dict:
@@ -114,7 +95,7 @@ def train_run(bundle: str, sizes: dict, epochs: int, root: Path, dataset: Path, 
     overrides = dict(sizes, epochs=epochs, num_folds=1, fold=-1, val_interval=epochs + 1, progress=False)
     if num_workers is not None:
         overrides["num_workers"] = num_workers
-    wf = workflow(bundle, "train.json", "train", bundle_root=str(root), dataset_dir=str(dataset), **overrides)
+    wf = bundle_workflow(bundle, "train.json", bundle_root=str(root), dataset_dir=str(dataset), **overrides)
     trainer = wf.parser.get_parsed_content("train#trainer")
     device = wf.parser.get_parsed_content("device")
     waits: dict[int, float] = {}
@@ -126,13 +107,13 @@ def train_run(bundle: str, sizes: dict, epochs: int, root: Path, dataset: Path, 
         lambda e: waits.__setitem__(e.state.epoch, waits.get(e.state.epoch, 0.0) + time.perf_counter() - marks["get"]),
     )
     trainer.add_event_handler(
-        Events.EPOCH_STARTED, lambda e: (_sync(device), marks.__setitem__("epoch", time.perf_counter()))
+        Events.EPOCH_STARTED, lambda e: (sync(device), marks.__setitem__("epoch", time.perf_counter()))
     )
     trainer.add_event_handler(
         Events.EPOCH_COMPLETED,
-        lambda e: (_sync(device), epoch_times.__setitem__(e.state.epoch, time.perf_counter() - marks["epoch"])),
+        lambda e: (sync(device), epoch_times.__setitem__(e.state.epoch, time.perf_counter() - marks["epoch"])),
     )
-    _peak_reset(device)
+    reset_gpu_peak(device)
     wf.parser.get_parsed_content("training_run").run()
     cases = len(wf.parser.get_parsed_content("train_files"))
     later = [e for e in epoch_times if e > 1] or list(epoch_times)  # epoch 1 fills the persistent cache
@@ -163,59 +144,51 @@ def inference(bundle: str, sizes: dict, root: Path, case_dir: Path, tta: bool, l
         overrides["compile"] = True
     shutil.rmtree(root, ignore_errors=True)
     (root / "models").mkdir(parents=True)
-    wf = workflow(bundle, "inference.json", "inference", bundle_root=str(root), dataset_dir=str(case_dir), **overrides)
+    wf = bundle_workflow(bundle, "inference.json", bundle_root=str(root), dataset_dir=str(case_dir), **overrides)
     network = wf.parser.get_parsed_content("network")
     torch.save(network.state_dict(), root / "models" / "model.pt")
     device = wf.parser.get_parsed_content("device")
-    forward_s: list[float] = []
-    starts: list[float] = []
-
-    def before(*_: Any) -> None:
-        _sync(device)
-        starts.append(time.perf_counter())
-
-    def after(*_: Any) -> None:  # hooks must return None: a value would replace the inputs / output
-        _sync(device)
-        forward_s.append(time.perf_counter() - starts[-1])
-
-    network.register_forward_pre_hook(before)
-    network.register_forward_hook(after)
+    timer = ForwardTimer(network, device)
     evaluator = wf.parser.get_parsed_content("evaluator")
     results = []
     for _ in range(2):  # the first run warms up (and compiles)
-        forward_s.clear()
-        _peak_reset(device)
-        _sync(device)
+        timer.reset()
+        reset_gpu_peak(device)
+        sync(device)
         start = time.perf_counter()
         evaluator.run()
-        _sync(device)
-        results.append({"end_to_end_s": time.perf_counter() - start, "network_s": sum(forward_s)})
+        sync(device)
+        results.append({"end_to_end_s": time.perf_counter() - start, "network_s": sum(timer.times)})
     return {**results[-1], "first_run_s": results[0]["end_to_end_s"], "peak_gib": _peak_gib(device)}
 
 
 def markdown(report: dict) -> str:
-    lines = [
-        f"GPU check {report['date']} on {report['device']} ({report['mode']}); torch {report['torch']}",
-        "",
-        "| bundle | measurement | value |",
-        "| --- | --- | --- |",
-    ]
-    for bundle, rows in report["bundles"].items():
-        step = rows["train_step"]
+    """The report's header line and its table, one row per measurement."""
+    rows = []
+    for bundle, measured in report["bundles"].items():
+        step = measured["train_step"]
         peak = f", peak {step['peak_gib']:.2f} GiB" if step["peak_gib"] is not None else ""
-        lines.append(f"| {bundle} | training step (batch {step['batch']}) | {step['s_per_iteration']:.3f} s/it{peak} |")
-        run = rows["train_run"]
-        lines.append(
-            f"| {bundle} | train.json, {run['cases']} cases, {run['num_workers']} workers | "
-            f"{run['cases_per_s']:.2f} cases/s, waiting for data {100 * run['data_wait_share']:.1f} % "
-            f"(first epoch, filling the cache: {run['first_epoch_s']:.1f} s) |"
+        rows.append([bundle, f"training step (batch {step['batch']})", f"{step['s_per_iteration']:.3f} s/it{peak}"])
+        run = measured["train_run"]
+        rows.append(
+            [
+                bundle,
+                f"train.json, {run['cases']} cases, {run['num_workers']} workers",
+                f"{run['cases_per_s']:.2f} cases/s, waiting for data {100 * run['data_wait_share']:.1f} % "
+                f"(first epoch, filling the cache: {run['first_epoch_s']:.1f} s)",
+            ]
         )
-        for name, inf in rows["inference"].items():
-            lines.append(
-                f"| {bundle} | inference {name} | {inf['end_to_end_s']:.2f} s end to end, network {inf['network_s']:.2f} s "
-                f"(first run {inf['first_run_s']:.1f} s) |"
+        for name, inf in measured["inference"].items():
+            rows.append(
+                [
+                    bundle,
+                    f"inference {name}",
+                    f"{inf['end_to_end_s']:.2f} s end to end, network {inf['network_s']:.2f} s "
+                    f"(first run {inf['first_run_s']:.1f} s)",
+                ]
             )
-    return "\n".join(lines) + "\n"
+    header = f"GPU check {report['date']} on {report['device']} ({report['mode']}); torch {report['torch']}"
+    return f"{header}\n\n" + format_table(["bundle", "measurement", "value"], rows, pad=False) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,8 +220,6 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "bundles": {},
     }
-    from brats_pipeline.synthetic import generate_dataset
-
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         work = Path(tmp)
         generate_dataset(work / "data", cases, layout="brats2023", shape=sizes["shape"], seed=0)

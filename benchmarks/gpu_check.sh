@@ -6,4 +6,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg
-exec python benchmarks/gpu_check.py "$@"
+exec python -m benchmarks.gpu_check "$@"

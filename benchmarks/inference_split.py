@@ -21,7 +21,7 @@ contention for the cores included (``e2e outside``).
 
 ``--compare KEY=JSON`` adds a second configuration of the same bundle (the shipped file with that override), and
 ``--baseline-ref REF`` the bundle's ``inference.json`` as it was at git ``REF``; all run in the same process,
-alternately::
+alternately (``python -m benchmarks.inference_split`` is the same)::
 
     python benchmarks/inference_split.py --cases 3 --repeats 2 --baseline-ref b734885 --end-to-end  # vs 0.2.0
 """
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -38,7 +37,16 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import torch
+if __name__ == "__main__" and not __package__:
+    # run as a file: Python put benchmarks/ first on sys.path; import it as the package ``benchmarks`` instead
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch  # noqa: E402
+
+from benchmarks.tables import format_table  # noqa: E402
+from benchmarks.timing import median  # noqa: E402
+from brats_pipeline.bundle.workflows import bundle_workflow, config_at_revision  # noqa: E402
+from brats_pipeline.tools.synthetic import generate_dataset  # noqa: E402
 
 WIDTH = {"segresnet_vae": 32, "espnet3d": 32}
 STAGE_OF = {"LoadImaged": "read", "SaveLabelMapd": "write", "SaveOverlayd": "write"}
@@ -48,8 +56,6 @@ def build(
     bundle: str, root: Path, dataset: Path, overrides: dict[str, Any], config: Path | None = None, shipped: bool = False
 ):
     """The bundle's inference workflow with random weights; ``num_workers`` 0 unless ``shipped``."""
-    from brats_pipeline.workflows import bundle_workflow
-
     (root / "models").mkdir(parents=True, exist_ok=True)
     values = {"network_width": WIDTH[bundle], "overwrite": True, "progress": False, **overrides}
     if not shipped:
@@ -165,9 +171,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare:
         configs["compared"] = {k: json.loads(v) for k, v in (c.split("=", 1) for c in args.compare)}
 
-    from brats_pipeline.synthetic import generate_dataset
-    from brats_pipeline.workflows import config_at_revision
-
     results: dict[tuple[str, str], list[dict[str, float]]] = defaultdict(list)
     with tempfile.TemporaryDirectory(prefix="inference_split_") as tmp:
         work = Path(tmp)
@@ -209,12 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         f"\nSeconds per case ({args.cases} full-size cases, median of {args.repeats} alternating runs, "
         f"{args.threads} threads)\n"
     )
-    print("| bundle | config | " + " | ".join(stages) + " |")
-    print("| --- | --- | " + " | ".join("---" for _ in stages) + " |")
+    table = []
     for (bundle, name), runs in results.items():
-        med = {s: statistics.median(r.get(s, 0.0) for r in runs) / args.cases for s in stages}
         label = f"compared ({', '.join(args.compare)})" if name == "compared" else name
-        print(f"| {bundle} | {label} | " + " | ".join(f"{med[s]:.2f}" for s in stages) + " |")
+        table.append([bundle, label, *(f"{median([r.get(s, 0.0) for r in runs]) / args.cases:.2f}" for s in stages)])
+    print(format_table(["bundle", "config", *stages], table, pad=False))
     return 0
 
 

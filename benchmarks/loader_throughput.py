@@ -4,14 +4,14 @@ Builds ``train#dataset`` of each bundle's shipped ``train.json`` (paper crop, ra
 on full-size synthetic cases and reads every item in one process with one thread (= one DataLoader worker), for
 
 * ``nifti``: no cache, four gzip NIfTI volumes decoded per case and epoch;
-* ``persistent``: the default persistent cache (``brats_pipeline.data_cache``), read after one filling epoch;
+* ``persistent``: the default persistent cache (``brats_pipeline.data.cache``), read after one filling epoch;
 * ``memory``: MONAI's in-memory ``CacheDataset`` (``cache_rate`` 1), after filling.
 
 It prints cases/s per core, the ratio against ``nifti``, the workers needed to feed ``--cases-per-second`` (8: an
 H100 at the paper's crop) or one case per ``--step-time`` seconds, the cost of filling the cache and its size per
 case, as a Markdown table (and ``--json`` for a file). ``--baseline-ref REF`` adds the NIfTI path of the bundle's
 ``train.json`` at git ``REF`` (its transforms, no cache) as a row and a column of ratios. Run it on an idle
-machine::
+machine (``python -m benchmarks.loader_throughput`` is the same)::
 
     python benchmarks/loader_throughput.py --cases 6 --epochs 3 --baseline-ref b734885
 """
@@ -23,13 +23,21 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+if __name__ == "__main__" and not __package__:
+    # run as a file: Python put benchmarks/ first on sys.path; import it as the package ``benchmarks`` instead
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch  # noqa: E402
+
+from benchmarks.tables import format_table  # noqa: E402
+from benchmarks.timing import median, time_runs  # noqa: E402
+from brats_pipeline.bundle.workflows import bundle_workflow, config_at_revision  # noqa: E402
+from brats_pipeline.tools.synthetic import generate_dataset  # noqa: E402
 
 BUNDLES = ("segresnet_vae", "espnet3d")
 MODES = {
@@ -41,8 +49,6 @@ MODES = {
 
 def train_dataset(bundle: str, dataset_dir: Path, root: Path, mode: str, overrides: dict, config: Path | None = None):
     """``train#dataset`` of the bundle's ``train.json`` (or of ``config``, an older one) in ``mode``."""
-    from brats_pipeline.workflows import bundle_workflow
-
     wf = bundle_workflow(
         bundle,
         config or "train.json",
@@ -58,12 +64,10 @@ def train_dataset(bundle: str, dataset_dir: Path, root: Path, mode: str, overrid
     return wf.parser.get_parsed_content("train#dataset")
 
 
-def read_epoch(dataset) -> float:
-    start = time.perf_counter()
+def read_epoch(dataset) -> None:
+    """Every item of ``dataset`` once, in order."""
     for i in range(len(dataset)):
-        item = dataset[i]
-        assert item["image"].ndim == 4
-    return time.perf_counter() - start
+        assert dataset[i]["image"].ndim == 4
 
 
 def measure(
@@ -73,15 +77,15 @@ def measure(
     start = time.perf_counter()
     dataset = train_dataset(bundle, dataset_dir, root, mode, overrides, config)
     build = time.perf_counter() - start  # the in-memory cache fills here
-    fill = read_epoch(dataset) if mode == "persistent" else None  # first epoch writes the entries
-    times = [read_epoch(dataset) for _ in range(epochs)]
+    # the persistent cache's first epoch writes the entries: its time is the fill, then come the timed epochs
+    fill, times = time_runs(lambda: read_epoch(dataset), warmup=int(mode == "persistent"), repeats=epochs)
     n = len(dataset)
     row = {
         "bundle": bundle,
         "mode": mode,
         "cases": n,
-        "s_per_case": statistics.median(times) / n,
-        "fill_s_per_case": (fill if fill is not None else build) / n if mode != "nifti" else None,
+        "s_per_case": median(times) / n,
+        "fill_s_per_case": (fill[0] if fill else build) / n if mode != "nifti" else None,
     }
     if mode == "persistent":
         files = list((root / "cache").glob("*.pt"))
@@ -111,9 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: json.loads(v) for k, v in args.override}
     rate_needed = 1.0 / args.step_time if args.step_time else args.cases_per_second
 
-    from brats_pipeline.synthetic import generate_dataset
-    from brats_pipeline.workflows import config_at_revision
-
     rows = []
     with tempfile.TemporaryDirectory(prefix="loader_bench_") as tmp:
         work = Path(tmp)
@@ -141,29 +142,25 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.cpu_count()} cores, torch {torch.__version__}); {args.cases} cases of {tuple(args.shape)}, "
         f"median of {args.epochs} epochs; workers to feed {rate_needed:g} cases/s\n"
     )
-    old_column = f" vs NIfTI at {args.baseline_ref} |" if args.baseline_ref else ""
-    print(
-        "| bundle | loader | s/case | cases/s per core | vs NIfTI |"
-        + old_column
-        + " workers for the GPU | fill s/case | cache MB/case |"
-    )
-    print("| --- " * (8 + bool(old_column)) + "|")
+    headers = ["bundle", "loader", "s/case", "cases/s per core", "vs NIfTI"]
+    headers += [f"vs NIfTI at {args.baseline_ref}"] if args.baseline_ref else []
+    headers += ["workers for the GPU", "fill s/case", "cache MB/case"]
+    table = []
     for r in rows:
         per_core = 1.0 / r["s_per_case"]
         r["cases_per_s_per_core"] = per_core
         r["speedup_vs_nifti"] = base[r["bundle"]] / r["s_per_case"] if r["bundle"] in base else None
         r["workers_needed"] = math.ceil(rate_needed / per_core)
-        fill = f"{r['fill_s_per_case']:.2f}" if r.get("fill_s_per_case") is not None else "-"
-        size = f"{r['cache_mb_per_case']:.1f}" if "cache_mb_per_case" in r else "-"
-        ratio = f"{r['speedup_vs_nifti']:.1f}x" if r["speedup_vs_nifti"] is not None else "-"
-        old_ratio = ""
-        if old_column:
+        ratios = [f"{r['speedup_vs_nifti']:.1f}x" if r["speedup_vs_nifti"] is not None else "-"]
+        if args.baseline_ref:
             r["speedup_vs_baseline_nifti"] = old_base[r["bundle"]] / r["s_per_case"]
-            old_ratio = f" {r['speedup_vs_baseline_nifti']:.1f}x |"
-        print(
-            f"| {r['bundle']} | {r['mode']} | {r['s_per_case']:.3f} | {per_core:.2f} | {ratio} |{old_ratio} "
-            f"{r['workers_needed']} | {fill} | {size} |"
+            ratios.append(f"{r['speedup_vs_baseline_nifti']:.1f}x")
+        table.append(
+            [r["bundle"], r["mode"], f"{r['s_per_case']:.3f}", f"{per_core:.2f}", *ratios, r["workers_needed"]]
+            + [f"{r['fill_s_per_case']:.2f}" if r.get("fill_s_per_case") is not None else "-"]
+            + [f"{r['cache_mb_per_case']:.1f}" if "cache_mb_per_case" in r else "-"]
         )
+    print(format_table(headers, table, pad=False))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"rate_needed": rate_needed, "rows": rows}, indent=1))
