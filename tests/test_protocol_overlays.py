@@ -261,7 +261,7 @@ def test_empty_splits_say_what_to_do(datalist):
         evaluation_plan(datalist, train_on_all=True)
     with pytest.raises(ValueError, match="no 'validation' entries"):
         evaluation_plan({**datalist, "validation": []}, split="validation")
-    with pytest.raises(ValueError, match="eval_split must be one of"):
+    with pytest.raises(ValueError, match="did you mean 'testing'"):
         evaluation_plan(datalist, split="test")
     trained_all = evaluation_plan(datalist, split="testing", train_on_all=True)
     assert trained_all.held_out is True

@@ -14,7 +14,8 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from brats_pipeline.inference.writers import RecordStartTimed, SaveLabelMapd, write_nifti_atomic
+from brats_pipeline.inference.writers import SaveLabelMapd, write_nifti_atomic
+from brats_pipeline.transforms.preprocessing import RecordStartTimed
 
 REAL_CASE = Path(__file__).resolve().parents[1].parent / "shared/data/BraTS-GLI-00001-000"
 

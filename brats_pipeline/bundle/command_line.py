@@ -14,13 +14,11 @@ of a config's ``initialize`` list, fix this:
   MONAI's "Failed to instantiate/evaluate" wrappers) prints ``error: <one line>`` and exits with status 1; every
   other exception keeps Python's traceback, and ``BRATS_DEBUG=1`` restores the traceback for all of them.
 
-In a config, name them by ``_target_`` (a downloaded bundle has this package under ``scripts/``, which is on
-``sys.path`` only once ``@bundle_code`` ran, hence ``_requires_``)::
+Every config runs both as its first ``initialize`` step, :func:`guard_bundle_run` (a downloaded bundle has this
+package under ``scripts/``, which is on ``sys.path`` only once ``@bundle_code`` ran, hence ``_requires_``)::
 
     "initialize": [
-        {"_target_": "brats_pipeline.bundle.command_line.install_error_handler", "_requires_": "@bundle_code"},
-        {"_target_": "brats_pipeline.bundle.command_line.check_command_line", "_requires_": "@bundle_code"},
-        "$@bundle_code",
+        {"_target_": "brats_pipeline.bundle.command_line.guard_bundle_run", "_requires_": "@bundle_code"},
         ...
     ]
 

@@ -20,13 +20,13 @@ from its ``settings`` argument, which ``train.json`` fills from its own keys::
 
 Its keys are the config keys they come from, so the inference side reads them back by the same names:
 
-* :func:`trained_setting` is a config component: ``inference.json`` and ``evaluate.json`` give ``network_width``,
-  ``include_rc``, ``brain_crop_*`` (and ``sw_roi_size`` the training crop) the trained value when the file exists,
-  the configured default otherwise (a model trained before the file existed). A command-line override replaces the
-  key, so it is used as given.
-* :func:`check_trained_settings` (first steps of ``initialize``) compares each such key that the command line sets
-  with the trained value and raises :class:`SettingsMismatchError` (a
-  :class:`~brats_pipeline.bundle.command_line.CommandLineError`, so ``install_error_handler`` prints it as one ``error:``
+* :class:`TrainedSettings` is the config component (``trained``) of ``inference.json`` and ``evaluate.json``: it
+  gives ``network_width``, ``include_rc``, the brain crop (and ``sw_roi_size`` the training crop) the trained value
+  when the file exists, the configured default otherwise (a model trained before the file existed); each key reads
+  ``$@trained['network_width']``. A command-line override replaces the key, so it is used as given.
+* :meth:`TrainedSettings.check` (``initialize``; :func:`check_trained_settings`) compares each such key that the
+  command line sets with the trained value and raises :class:`SettingsMismatchError` (a
+  :class:`~brats_pipeline.bundle.command_line.CommandLineError`, so the error handler prints it as one ``error:``
   line) naming the setting and both values. It also refuses a model trained with another channel order or
   normalisation than the one the config builds, and, settings file or not, a ``model.pt`` whose tensors do not fit
   the network: one line with the first tensor, both shapes and the fix, said before the engine starts (Ignite would
@@ -223,13 +223,7 @@ def read_model_settings(ckpt_dir: str | os.PathLike | None) -> dict[str, Any] | 
 def trained_setting(ckpt_dir: str | os.PathLike | None, key: str, default: Any = None) -> Any:
     """The value of ``key`` that the model in ``ckpt_dir`` was trained with, else ``default``.
 
-    A config component for the keys the model depends on, e.g. in ``inference.json``::
-
-        "network_width": {"_target_": "brats_pipeline.bundle.settings.trained_setting", "_requires_": "@bundle_code",
-                          "ckpt_dir": "@ckpt_dir", "key": "network_width", "default": 32}
-
-    ``--network_width 16`` on the command line replaces the whole item (the override is used as given;
-    :func:`check_trained_settings` refuses it when it contradicts the trained value).
+    What :class:`TrainedSettings` gives for each of its keys (logged when it differs from ``default``).
 
     Args:
         ckpt_dir: the checkpoint folder holding ``model.pt`` and ``model_settings.json``.
@@ -394,12 +388,8 @@ def check_trained_settings(
 ) -> None:
     """Refuse settings that contradict how the model in ``ckpt_dir`` was trained, before anything runs.
 
-    A step of ``initialize`` (after ``$@bundle_code``)::
-
-        {"_target_": "brats_pipeline.bundle.settings.check_trained_settings", "_requires_": "@bundle_code",
-         "ckpt_dir": "@ckpt_dir", "enabled": "@load_bundle_model", "network": "@network",
-         "values": {"network_width": "@network_width", "include_rc": "@include_rc", ...},
-         "normalize_intensity": "@normalize_intensity"}
+    The configs run it as ``$@trained.check(@network, @normalize_intensity, @load_bundle_model)``
+    (:meth:`TrainedSettings.check`, which passes the values of its keys).
 
     Checked, with ``models/model_settings.json``:
 

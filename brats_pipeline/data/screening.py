@@ -62,7 +62,7 @@ from brats_pipeline.atomic_files import write_json_atomic
 from brats_pipeline.data.layouts import CHANNELS, case_id_from_path, entry_case_id, is_nifti
 from brats_pipeline.transforms.labels import LabelConventionError, check_label_values
 
-__all__ = ["AFFINE_ATOL", "CASE_ERROR_KEY", "BadCasesError", "CaseError", "DatasetError", "NiftiInfo", "check_case", "inspect_nifti", "CaseFailure", "CaseFailureReport", "CasesFailedError", "screen_cases"]
+__all__ = ["ScreenedCases", "AFFINE_ATOL", "CASE_ERROR_KEY", "BadCasesError", "CaseError", "DatasetError", "NiftiInfo", "check_case", "inspect_nifti", "CaseFailure", "CaseFailureReport", "CasesFailedError", "screen_cases"]
 
 #: tolerance (mm) when comparing the affines of one case's files
 AFFINE_ATOL = 1e-3
@@ -534,3 +534,32 @@ def screen_cases(
     report.accepted.extend(good)
     logger.info("screened %d case(s): %d accepted, %d rejected", len(entries), len(good), len(entries) - len(good))
     return good
+
+
+class ScreenedCases:
+    """A config's cases, screened once (:func:`screen_cases`), with the report of the bad ones: one component for
+    the dataset's list, the evaluator's failure handler and the run's exit status::
+
+        "eval_cases": {"_target_": "brats_pipeline.data.screening.ScreenedCases", "entries": "...", "strict": false},
+        "validate#dataset#data": "$@eval_cases.cases",
+        "validate#handlers": ["$@eval_cases.report", ...],
+        "finalize": ["$@eval_cases.report.raise_if_failed()"]
+
+    Args:
+        entries: datalist entries, unusable ones with their error (``find_cases(keep_bad_cases=True)``).
+        strict: raise the first bad case's error instead of skipping it.
+    """
+
+    def __init__(self, entries: Sequence[Mapping], strict: bool = False) -> None:
+        self.entries = list(entries)
+        self.strict = strict
+        self.report = CaseFailureReport()
+        self._cases: list[dict] | None = None
+
+    @property
+    def cases(self) -> list[dict]:
+        """The good entries, in order (screened on first use)."""
+        if self._cases is None:
+            self._cases = screen_cases(self.entries, strict=self.strict, report=self.report)
+        return self._cases
+

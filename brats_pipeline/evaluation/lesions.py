@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from monai.config import NdarrayOrTensor
+from monai.utils import look_up_option
 from scipy import ndimage
 
 from brats_pipeline.evaluation.metrics import EMPTY_RULES, HD95_PENALTY_2023_MM, _spacing, hd95
@@ -72,8 +73,7 @@ def get_challenge(name: str | LesionCriteria) -> LesionCriteria:
     if isinstance(name, LesionCriteria):
         return name
     key = str(name).upper().removeprefix("BRATS-")
-    if key not in CHALLENGES:
-        raise ValueError(f"unknown BraTS sub-challenge {name!r}; choose one of {sorted(CHALLENGES)}")
+    key = look_up_option(key, sorted(CHALLENGES))
     return CHALLENGES[key]
 
 
@@ -150,8 +150,7 @@ def lesion_wise_metrics(
     Returns:
         :class:`LesionWiseResult`; ``lesions`` lists every reference lesion (also those under the threshold).
     """
-    if empty_rule not in EMPTY_RULES:
-        raise ValueError(f"unknown empty rule {empty_rule!r}; choose one of {EMPTY_RULES}")
+    empty_rule = look_up_option(empty_rule, EMPTY_RULES)
     p, r = _as_mask(pred), _as_mask(ref)
     if p.shape != r.shape or p.ndim != 3:
         raise ValueError(f"expected two masks of one 3-D shape, got {p.shape} and {r.shape}")

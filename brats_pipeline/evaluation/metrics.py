@@ -57,6 +57,7 @@ from monai.config import NdarrayOrTensor
 from monai.metrics import compute_dice
 from monai.metrics.confusion_matrix import compute_confusion_matrix_metric, get_confusion_matrix
 from monai.metrics.utils import get_edge_surface_distance
+from monai.utils import look_up_option
 
 from brats_pipeline.transforms.labels import REGIONS
 
@@ -113,8 +114,7 @@ def surface_distances(
     (``use_subvoxels=True``); ``"max"`` and ``"pooled"`` take boundary voxels (mask XOR erosion), weight 1.
     MONAI crops both masks to their joint bounding box first, so a small mask in a large image is cheap.
     """
-    if mode not in HD95_MODES:
-        raise ValueError(f"unknown HD95 mode {mode!r}; choose one of {HD95_MODES}")
+    mode = look_up_option(mode, HD95_MODES)
     p, r = _as_bool(pred), _as_bool(ref)
     sp = _spacing(spacing, p.ndim)
     subvoxels = mode == "surface"
@@ -163,8 +163,7 @@ def nsd_from_distances(sd: SurfaceDistances, tolerance_mm: float = NSD_TOLERANCE
 
 def _empty_case(p_any: bool, r_any: bool, empty_rule: str, both: float, one: float) -> float | None:
     """The value for an empty mask under ``empty_rule``, or None when both masks have voxels."""
-    if empty_rule not in EMPTY_RULES:
-        raise ValueError(f"unknown empty rule {empty_rule!r}; choose one of {EMPTY_RULES}")
+    empty_rule = look_up_option(empty_rule, EMPTY_RULES)
     if not r_any and empty_rule == "exclude":
         return float("nan")
     if not p_any and not r_any:
@@ -198,8 +197,7 @@ def hd95(
     Returns:
         0.0 when both masks are empty, ``hd95_empty_mm`` when exactly one is, else the distance in mm.
     """
-    if mode not in HD95_MODES:
-        raise ValueError(f"unknown HD95 mode {mode!r}; choose one of {HD95_MODES}")
+    mode = look_up_option(mode, HD95_MODES)
     p, r = _as_bool(pred), _as_bool(ref)
     if p.shape != r.shape:
         raise ValueError(f"prediction shape {tuple(p.shape)} differs from reference shape {tuple(r.shape)}")

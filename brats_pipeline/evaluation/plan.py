@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from monai.utils import look_up_option
+
 from brats_pipeline.atomic_files import write_json_atomic
 from brats_pipeline.training.records import case_ids, read_case_record
 
@@ -121,8 +123,7 @@ def evaluation_plan(
     Raises:
         ValueError: for an unknown split, or when the split holds no labelled case (the message says what to use).
     """
-    if split not in EVAL_SPLITS:
-        raise ValueError(f"eval_split must be one of {EVAL_SPLITS}, got {split!r}")
+    split = look_up_option(split, EVAL_SPLITS)
     training = [dict(c) for c in datalist.get("training", [])]
     validation = [dict(c) for c in datalist.get("validation", [])]
     testing = [dict(c) for c in datalist.get("testing", []) if c.get("label")]

@@ -18,6 +18,7 @@ the pre-processing and paste the prediction back with ``Invertd`` in the post-pr
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import logging
 import weakref
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.inferers import Inferer, SimpleInferer, SlidingWindowInferer
 from monai.transforms import DivisiblePad
-from monai.utils import convert_to_dst_type
+from monai.utils import convert_to_dst_type, look_up_option
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +183,8 @@ class BratsInferer(Inferer):
             spatial axis before the forward pass, for networks whose down/up-sampling needs it, and crop
             the output back. ``1`` disables it. Padding is done once, before the flips.
         amp: run the forward passes under ``torch.autocast`` (leave ``False`` when the evaluator's own
-            ``amp`` is on).
+            ``amp`` is on); ``"auto"``: bfloat16 autocast on a CPU with native bf16 arithmetic only
+            (:func:`cpu_has_native_bf16`), the bundles' default.
         amp_dtype: autocast dtype; default ``float16`` on CUDA, ``bfloat16`` elsewhere.
         compile: run each member through ``torch.compile`` (compiled once per member and reused; the compiled
             wrapper shares the member's weights, so checkpoints load into the plain network as before). The
@@ -226,7 +228,7 @@ class BratsInferer(Inferer):
         include_given_network: bool = True,
         strict_loading: bool = True,
         divisible_k: Sequence[int] | int = 1,
-        amp: bool = False,
+        amp: bool | str = False,
         amp_dtype: str | torch.dtype | None = None,
         compile: bool = False,
         compile_kwargs: Mapping[str, Any] | None = None,
@@ -235,15 +237,12 @@ class BratsInferer(Inferer):
         scale_align_corners: bool = True,
     ) -> None:
         super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-        if scale_mode not in SCALE_MODES:
-            raise ValueError(f"scale_mode must be one of {SCALE_MODES}, got {scale_mode!r}")
+        activation = look_up_option(activation, ACTIVATIONS)
+        scale_mode = look_up_option(scale_mode, SCALE_MODES)
         self.test_scales = normalize_test_scales(test_scales)
         self.scale_mode = scale_mode
         self.scale_align_corners = bool(scale_align_corners)
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        mode = look_up_option(mode, MODES)
         axes = tuple(int(a) for a in tta_flip_axes)
         if len(set(axes)) != len(axes) or any(a < 0 for a in axes):
             raise ValueError(f"tta_flip_axes must be distinct non-negative spatial axes, got {tuple(tta_flip_axes)}")
@@ -262,7 +261,7 @@ class BratsInferer(Inferer):
         self.strict_loading = strict_loading
         self.divisible_k = divisible_k
         self.cval = cval
-        self.amp = amp
+        self.amp = look_up_option(amp, ("auto",)) if isinstance(amp, str) else bool(amp)
         self.amp_dtype = None if amp_dtype is None else _as_dtype(amp_dtype)
         self.compile = compile
         self.compile_kwargs = dict(compile_kwargs or {})
@@ -336,7 +335,7 @@ class BratsInferer(Inferer):
         return self._compiled[member]
 
     def _autocast(self, device: torch.device):
-        if not self.amp:
+        if not (cpu_has_native_bf16(device) if self.amp == "auto" else self.amp):
             return nullcontext()
         dtype = self.amp_dtype or (torch.float16 if device.type == "cuda" else torch.bfloat16)
         return torch.autocast(device_type=device.type, dtype=dtype)
@@ -439,6 +438,7 @@ class BratsInferer(Inferer):
         return out
 
 
+@functools.cache
 def cpu_has_native_bf16(device: torch.device | str = "cpu") -> bool:
     """Whether ``device`` is a CPU with native bfloat16 arithmetic (``avx512_bf16`` or ``amx_bf16`` in
     ``/proc/cpuinfo``), where bf16 autocast speeds up 3D convolutions instead of emulating them.

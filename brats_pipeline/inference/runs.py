@@ -22,7 +22,7 @@ from typing import Any
 from brats_pipeline.atomic_files import write_json_atomic
 from brats_pipeline.data.datalist import find_cases
 from brats_pipeline.data.layouts import entry_case_id
-from brats_pipeline.data.screening import CaseFailureReport, screen_cases
+from brats_pipeline.data.screening import ScreenedCases
 from brats_pipeline.transforms.labels import get_convention
 
 __all__ = ["ExistingPredictions", "InferenceSummary", "PredictionRun", "RECORD_NAME", "file_sha256"]
@@ -200,22 +200,19 @@ class PredictionRun:
         model_files: Iterable[str | os.PathLike] = (),
         strict: bool = False,
     ) -> None:
-        self.report = CaseFailureReport()
         self.existing = ExistingPredictions(prediction_dir, overwrite, model_files)
         self.all_cases = find_cases(dataset_dir, check_files=False, keep_bad_cases=True)
         #: the convention of the dataset's labels, where it has any (else BraTS 2018's): the written maps use it
         self.label_convention = next(
             (c["label_convention"] for c in self.all_cases if "label_convention" in c), "brats2018"
         )
-        self.strict = strict
-        self._cases: list[dict] | None = None
+        self.screened = ScreenedCases(self.existing.pending(self.all_cases), strict)
+        self.report = self.screened.report
 
     @property
     def cases(self) -> list[dict]:
         """The good cases without a label map yet, in order (screened once)."""
-        if self._cases is None:
-            self._cases = screen_cases(self.existing.pending(self.all_cases), strict=self.strict, report=self.report)
-        return self._cases
+        return self.screened.cases
 
     def finish(self, include_rc: bool = False) -> dict[str, Any]:
         """Print the run's summary and return it; raise (exit status 1) when cases failed."""

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from monai.config import DtypeLike, KeysCollection, NdarrayOrTensor
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Transform
-from monai.utils import convert_to_numpy
+from monai.transforms import MapTransform
+from monai.utils import convert_to_numpy, look_up_option
 
 from brats_pipeline.atomic_files import atomic_write
 from brats_pipeline.data.layouts import NIFTI_SUFFIXES, case_id_from_path, split_nifti_suffix
@@ -103,23 +103,6 @@ def write_nifti_atomic(
     return save_nifti_atomic(img, path, overwrite=overwrite, compresslevel=compresslevel, fsync=fsync)
 
 
-class RecordStartTimed(Transform):
-    """Put the wall-clock time (``time.time()``, comparable across DataLoader worker processes) under ``key``.
-
-    Place it first in the pre-processing, so :class:`SaveLabelMapd` can log each case's time from the start of
-    its pre-processing (or, for a case prefetched while the previous one ran, from the previous case's write) to
-    its file on disk.
-    """
-
-    def __init__(self, key: str = "start_time") -> None:
-        self.key = key
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        # a string survives collation exactly: as a float, engines may cast it to float32 (128 s resolution)
-        d[self.key] = repr(time.time())
-        return d
-
 
 def _meta_of(value: Any) -> dict:
     return dict(value.meta) if isinstance(value, MetaTensor) else {}
@@ -160,7 +143,7 @@ class SaveLabelMapd(MapTransform):
         prob_postfix: appended to the case id for the probability file.
         prob_dtype: ``float32``, or ``uint8`` for nibabel's scaled storage (4x smaller, error <= 1/510).
             NIfTI-1 has no float16.
-        timestamp_key: data key set by :class:`RecordStartTimed`; each case's logged time runs from it. Without
+        timestamp_key: data key set by :class:`~brats_pipeline.transforms.preprocessing.RecordStartTimed`; each case's logged time runs from it. Without
             it, the time since the previous case was written (for the first case: since this transform was
             created).
         xform_code: qform/sform code of the written files (1 = scanner, as the BraTS releases).
@@ -189,8 +172,7 @@ class SaveLabelMapd(MapTransform):
         super().__init__(keys, allow_missing_keys)
         if len(self.keys) != 1:
             raise ValueError(f"SaveLabelMapd writes one label map per case; got keys {self.keys}")
-        if output_ext not in NIFTI_SUFFIXES:
-            raise ValueError(f"output_ext must be one of {NIFTI_SUFFIXES}, got {output_ext!r}")
+        output_ext = look_up_option(output_ext, NIFTI_SUFFIXES)
         if not np.issubdtype(np.dtype(label_dtype), np.integer):
             raise ValueError(f"label_dtype must be an integer type, got {np.dtype(label_dtype)}")
         if np.dtype(prob_dtype) == np.float16:
@@ -324,4 +306,4 @@ class SaveLabelMapd(MapTransform):
         logger.info("case %s: %.2f s %s (%s)", case_id, elapsed, since, files)
 
 
-__all__ = ["save_nifti_atomic", "write_nifti_atomic", "SaveLabelMapd", "RecordStartTimed"]
+__all__ = ["save_nifti_atomic", "write_nifti_atomic", "SaveLabelMapd"]

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from monai.losses import DiceLoss
+from monai.utils import look_up_option
 
 from brats_pipeline.transforms.labels import check_label_values, get_convention
 
@@ -114,8 +115,7 @@ class WeightedCrossEntropyLoss(nn.Module):
 
     def __init__(self, weight: Sequence[float] | torch.Tensor | None = None, reduction: str = "mean") -> None:
         super().__init__()
-        if reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        reduction = look_up_option(reduction, ("mean", "sum", "none"))
         self.register_buffer("weight", _as_weight(weight, "weight"))
         self.reduction = reduction
 

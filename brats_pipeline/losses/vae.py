@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from monai.losses import DiceLoss
+from monai.utils import look_up_option
 
 __all__ = ["SegResNetVAELoss"]
 
@@ -69,8 +70,7 @@ class SegResNetVAELoss(nn.Module):
         l2_reduction: str = "mean",
     ) -> None:
         super().__init__()
-        if l2_reduction not in ("mean", "sum"):
-            raise ValueError(f"l2_reduction must be 'mean' or 'sum', got {l2_reduction!r}.")
+        l2_reduction = look_up_option(l2_reduction, ("mean", "sum"))
         self.dice_weight = dice_weight
         self.l2_weight = l2_weight
         self.kl_weight = kl_weight

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from monai.utils import look_up_option
 from scipy import ndimage
 
 from brats_pipeline.atomic_files import write_json_atomic
@@ -471,8 +472,7 @@ def generate_dataset(
     ``start_index`` (for instance unlabelled cases for a test split, ``with_labels=False``). For ``msd`` the
     ``dataset.json`` is rewritten to list every case present.
     """
-    if layout not in SYNTHETIC_LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; choose one of {list(SYNTHETIC_LAYOUTS)}")
+    layout = look_up_option(layout, list(SYNTHETIC_LAYOUTS))
     shape = _parse_shape(shape)
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ignite.engine import Engine, Events
+from monai.utils import look_up_option
 
 from brats_pipeline.atomic_files import write_json_atomic
 from brats_pipeline.data.layouts import entry_case_id
@@ -77,8 +78,7 @@ class CaseRecord(StartRecord):
         model_selection: str = "best",
         extra: Mapping[str, Any] | None = None,
     ) -> None:
-        if model_selection not in ("best", "final"):
-            raise ValueError(f"model_selection must be 'best' or 'final', got {model_selection!r}")
+        model_selection = look_up_option(model_selection, ("best", "final"))
         self.path = Path(ckpt_dir) / CASE_RECORD_NAME
         self.record = {
             "model_selection": "best val_mean_dice" if model_selection == "best" else "final",

@@ -42,6 +42,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 from monai.handlers import StatsHandler, TensorBoardStatsHandler
+from monai.utils import look_up_option
 
 from brats_pipeline.bundle.settings import ModelSettingsRecord
 from brats_pipeline.training.checkpointing import (
@@ -154,9 +155,7 @@ class TrainingRun:
         self.tensorboard = tensorboard
         self.progress = progress
         self.main = is_main_process()
-        if keep_model not in ("best", "final"):
-            raise ValueError(f"keep_model must be 'best' or 'final', got {keep_model!r}")
-        self.keep_model = keep_model
+        self.keep_model = look_up_option(keep_model, ("best", "final"))
         weights = network if best_weights is None else best_weights
         self.final_model = FinalModelSaver(self.ckpt_dir, weights, enabled=keep_model == "final")
         self.case_record = (

@@ -338,6 +338,45 @@ class ClassesToLabel(Transform):
         return out
 
 
+class _ToLabeld(MapTransform):
+    """Dictionary form of :class:`RegionsToLabel` / :class:`ClassesToLabel`: each key's output converted to dataset
+    labels ``(1, *spatial)``, written back to the key, or to ``names`` (one output key per key; ``CopyItemsd``'s
+    name), so the regions or classes stay for the metrics."""
+
+    converter: type[Transform]
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        convention: str = "brats2018",
+        names: KeysCollection | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.to_label = self.converter(convention)
+        self.names = list(self.keys) if names is None else ([names] if isinstance(names, str) else list(names))
+        if len(self.names) != len(self.keys):
+            raise ValueError(f"{type(self).__name__}: {len(self.keys)} keys but {len(self.names)} names")
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key, name in self.key_iterator(d, self.names):
+            d[name] = self.to_label(d[key])
+        return d
+
+
+class RegionsToLabeld(_ToLabeld):
+    """Dictionary transform: regions ``(3|4, *spatial)`` -> dataset labels ``(1, *spatial)`` (:class:`RegionsToLabel`)."""
+
+    converter = RegionsToLabel
+
+
+class ClassesToLabeld(_ToLabeld):
+    """Dictionary transform: class indices ``(1, *spatial)`` -> dataset labels (:class:`ClassesToLabel`)."""
+
+    converter = ClassesToLabel
+
+
 class ArgmaxClassesd(MapTransform):
     """Class probabilities or logits ``(C, *spatial)`` -> float class indices ``(1, *spatial)``.
 
@@ -384,4 +423,6 @@ __all__: Sequence[str] = (
     "LabelToClassesd",
     "RegionsToLabel",
     "ClassesToLabel",
+    "RegionsToLabeld",
+    "ClassesToLabeld",
 )

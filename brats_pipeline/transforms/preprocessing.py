@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import torch
 from monai.config import DtypeLike, KeysCollection, NdarrayOrTensor
 from monai.data import MetaTensor
 from monai.data.image_reader import NibabelReader
-from monai.transforms import MapTransform
+from monai.transforms import CastToTyped, InvertibleTransform, LoadImaged, MapTransform, Orientationd, Transform
 from monai.utils import MetaKeys
 
 
@@ -163,7 +165,72 @@ class NormalizeNonzeroIntensityd(MapTransform):
         return out if isinstance(img, torch.Tensor) else out.numpy()
 
 
+class RecordStartTimed(Transform):
+    """Put the wall-clock time (``time.time()``, comparable across DataLoader worker processes) under ``key``.
+
+    Place it first in the pre-processing, so :class:`SaveLabelMapd` can log each case's time from the start of
+    its pre-processing (or, for a case prefetched while the previous one ran, from the previous case's write) to
+    its file on disk.
+    """
+
+    def __init__(self, key: str = "start_time") -> None:
+        self.key = key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        # a string survives collation exactly: as a float, engines may cast it to float32 (128 s resolution)
+        d[self.key] = repr(time.time())
+        return d
+
+class LoadCased(MapTransform, InvertibleTransform):
+    """Load a case as both bundles see it: ``image`` ``(4, H, W, D)`` float32 with the channels in
+    :data:`~brats_pipeline.data.layouts.CHANNELS` order, the other keys (``label``) ``(1, H, W, D)`` uint8, all in
+    RAS orientation.
+
+    The same as MONAI's ``LoadImaged(reader=ThreadedNibabelReader(), ensure_channel_first=True)`` +
+    :class:`ReorderChannelsd` (image) + ``Orientationd(axcodes="RAS", labels=None)`` + ``CastToTyped(uint8)``
+    (labels), as one named step of the configs. :meth:`inverse` undoes the orientation, so ``Invertd`` returns an
+    output to the input file's grid.
+
+    Args:
+        keys: the keys of the case's files (``image``, and ``label`` where there is one).
+        image_key: the key of the four modality files; the other keys are label maps.
+        allow_missing_keys: skip absent keys (an unlabelled case).
+        start_time_key: when set, ``repr(time.time())`` is stored under it before loading (a string survives
+            collation exactly, :class:`RecordStartTimed`), for ``SaveLabelMapd``'s per-case time.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        image_key: str = "image",
+        allow_missing_keys: bool = False,
+        start_time_key: str | None = None,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        labels = [k for k in self.keys if k != image_key]
+        self.start_time_key = start_time_key
+        self.load = LoadImaged(
+            self.keys, reader=ThreadedNibabelReader(), ensure_channel_first=True, allow_missing_keys=allow_missing_keys
+        )
+        self.reorder = ReorderChannelsd(image_key, allow_missing_keys=allow_missing_keys)
+        # missing keys allowed: Invertd inverts a dict holding the output under the image key alone
+        self.orient = Orientationd(self.keys, axcodes="RAS", labels=None, allow_missing_keys=True)
+        self.cast = CastToTyped(labels, dtype=np.uint8, allow_missing_keys=True) if labels else None
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        if self.start_time_key is not None:
+            d = RecordStartTimed(self.start_time_key)(d)
+        d = self.orient(self.reorder(self.load(d)))
+        return self.cast(d) if self.cast is not None else d
+
+    def inverse(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        return self.orient.inverse(data)
+
 __all__ = [
+    "LoadCased",
+    "RecordStartTimed",
     "NormalizeNonzeroIntensityd",
     "ReorderChannelsd",
     "ThreadedNibabelReader",
