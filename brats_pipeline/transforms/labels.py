@@ -27,7 +27,7 @@ every value outside the chosen convention raises :class:`LabelConventionError` n
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -258,52 +258,46 @@ def classes_to_regions(classes: NdarrayOrTensor, include_rc: bool = False) -> to
     return torch.stack([tc, wt, et] + ([cls == 4] if include_rc else [])).float()
 
 
-class LabelToRegionsd(MapTransform):
+class _LabelTod(MapTransform):
+    """Dictionary form of :func:`label_to_regions` / :func:`label_to_classes`: each key's dataset label map converted
+    to float targets, validated against ``convention`` (plus RC where ``include_rc``)."""
+
+    convert: Callable[..., torch.Tensor]  # label_to_regions or label_to_classes
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        convention: str = "brats2018",
+        allow_missing_keys: bool = False,
+        include_rc: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.convention = _rc_convention(convention, include_rc)
+        self.include_rc = include_rc
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.convert(d[key], self.convention, include_rc=self.include_rc)
+        return d
+
+
+class LabelToRegionsd(_LabelTod):
     """Dictionary transform: dataset label map -> float regions (TC, WT, ET), validated against ``convention``.
 
     ``include_rc=True`` (``brats2024``) adds the resection cavity as a fourth channel RC.
     """
 
-    def __init__(
-        self,
-        keys: KeysCollection,
-        convention: str = "brats2018",
-        allow_missing_keys: bool = False,
-        include_rc: bool = False,
-    ):
-        super().__init__(keys, allow_missing_keys)
-        self.convention = _rc_convention(convention, include_rc)
-        self.include_rc = include_rc
-
-    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = label_to_regions(d[key], self.convention, include_rc=self.include_rc)
-        return d
+    convert = staticmethod(label_to_regions)
 
 
-class LabelToClassesd(MapTransform):
+class LabelToClassesd(_LabelTod):
     """Dictionary transform: dataset label map -> float contiguous classes 0..3, validated against ``convention``.
 
     ``include_rc=True`` (``brats2024``) makes the resection cavity class 4.
     """
 
-    def __init__(
-        self,
-        keys: KeysCollection,
-        convention: str = "brats2018",
-        allow_missing_keys: bool = False,
-        include_rc: bool = False,
-    ):
-        super().__init__(keys, allow_missing_keys)
-        self.convention = _rc_convention(convention, include_rc)
-        self.include_rc = include_rc
-
-    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = label_to_classes(d[key], self.convention, include_rc=self.include_rc)
-        return d
+    convert = staticmethod(label_to_classes)
 
 
 class RegionsToLabel(Transform):
