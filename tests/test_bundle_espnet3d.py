@@ -1,10 +1,11 @@
 """End-to-end tests of the espnet3d bundle (``bundles/espnet3d``): training, evaluation, inference and export.
 
 Everything runs on the shared synthetic BraTS 2023 dataset (32^3, 4 labelled + 2 unlabelled cases) with a tiny
-overlay (2 folds: 2 training and 2 validation cases, width 8, 32^3 crops, batch 2, one iteration per epoch). Only the
-training run goes through ``python -m monai.bundle run`` in a subprocess (the command line, its overrides and the
-``training`` run id); the other workflows run in-process through :class:`monai.bundle.ConfigWorkflow`, the class
-that command uses, to save the ~15 s of imports per process.
+overlay (``conftest.TINY_OVERRIDES``: 2 folds, 2 training and 2 validation cases, width 8, 32^3 crops; batch 2, one
+iteration per epoch). Only the training run goes through ``python -m monai.bundle run`` in a subprocess (the command
+line, its overrides and the ``training`` run id); the other workflows run in-process through
+:class:`monai.bundle.ConfigWorkflow`, the class that command uses (conftest's ``tiny_workflow``), to save the ~15 s of
+imports per process.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow, ckpt_export, verify_net_in_out
+from conftest import TINY_OVERRIDES
+from monai.bundle import ckpt_export, verify_net_in_out
 
 from brats_pipeline.data.datalist import find_cases
 from brats_pipeline.transforms.labels import get_convention
@@ -28,31 +30,12 @@ from custom_networks.espnet3d import ESPNet3D
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "espnet3d" / "configs"
-TRAIN, EVALUATE, INFERENCE, META = (
-    str(CONFIGS / f) for f in ("train.json", "evaluate.json", "inference.json", "metadata.json")
-)
+TRAIN, INFERENCE, META = (str(CONFIGS / f) for f in ("train.json", "inference.json", "metadata.json"))
 BRATS2023_VALUES = set(get_convention("brats2023").values)
 #: widths given on the command line, replacing network_width's (4, 8, 32, 64); every later workflow must match them
 CHANNELS = [4, 8, 16, 32]
-TINY = {
-    "num_folds": 2,
-    "network_width": 8,
-    "roi_size": [32, 32, 32],
-    "epochs": 2,
-    "val_interval": 1,
-    "batch_size": 2,
-    "num_workers": 0,
-    "cache_rate": 1.0,
-}
-
-
-def workflow(config_file, root: Path, workflow_type: str | None = None, **override) -> ConfigWorkflow:
-    """An initialised in-process workflow with the bundle root ``root`` (no logging configuration)."""
-    wf = ConfigWorkflow(
-        config_file=config_file, logging_file=False, workflow_type=workflow_type, bundle_root=str(root), **override
-    )
-    wf.initialize()
-    return wf
+#: the overlay of every run: the tiny sizes, with 2 epochs for the command line's ``--epochs 1`` to replace
+OVERLAY = {**TINY_OVERRIDES["espnet3d"], "epochs": 2, "batch_size": 2}
 
 
 def assert_label_maps_match_inputs(pred_dir: Path, cases: list[dict]) -> None:
@@ -73,7 +56,7 @@ def trained(tmp_path_factory, synthetic_dataset) -> dict:
     """One training run through the command line, with ``--epochs 1`` and ``--network_def#channels`` overrides."""
     tmp = tmp_path_factory.mktemp("espnet3d_bundle")
     overlay = tmp / "tiny.json"
-    overlay.write_text(json.dumps({**TINY, "dataset_dir": str(synthetic_dataset)}))
+    overlay.write_text(json.dumps({**OVERLAY, "dataset_dir": str(synthetic_dataset)}))
     root = tmp / "bundle"
     cmd = [
         sys.executable, "-m", "monai.bundle", "run", "training",
@@ -106,8 +89,8 @@ def test_training_command_line(trained):
     assert list((trained["root"] / "eval" / "logs").glob("events.out.tfevents.*"))
 
 
-def test_train_workflow_properties_and_run_id(trained, tmp_path):
-    wf = workflow([TRAIN, trained["overlay"]], tmp_path, workflow_type="train", epochs=1)
+def test_train_workflow_properties_and_run_id(trained, tiny_workflow, tmp_path):
+    wf = tiny_workflow("espnet3d", "train.json", trained["overlay"], workflow_type="train", epochs=1)
     assert not wf.check_properties()
     assert wf.parser.get_parsed_content("network_def#channels") == [4, 8, 32, 64]  # channels follow network_width
     weights = wf.parser.get_parsed_content("loss_class_weights")
@@ -118,16 +101,19 @@ def test_train_workflow_properties_and_run_id(trained, tmp_path):
     assert wf.parser.get_parsed_content("train#trainer").state.epoch == 1
 
 
-def test_cross_entropy_by_config(trained, tmp_path):
-    wf = workflow([TRAIN, trained["overlay"]], tmp_path, loss_name="cross_entropy", class_weights=[1.0, 2.0, 3.0, 4.0])
+def test_cross_entropy_by_config(trained, tiny_workflow):
+    wf = tiny_workflow(
+        "espnet3d", "train.json", trained["overlay"], loss_name="cross_entropy", class_weights=[1.0, 2.0, 3.0, 4.0]
+    )
     loss = wf.parser.get_parsed_content("loss")
     assert type(loss).__name__ == "WeightedCrossEntropyLoss"
     assert loss.weight.tolist() == [1.0, 2.0, 3.0, 4.0]
 
 
-def test_evaluate_writes_predictions_and_brats_metrics(trained):
+def test_evaluate_writes_predictions_and_brats_metrics(trained, tiny_workflow):
     root = trained["root"]
-    wf = workflow([TRAIN, EVALUATE, trained["overlay"]], root, **{"network_def#channels": CHANNELS})
+    overrides = {"bundle_root": str(root), "network_def#channels": CHANNELS}
+    wf = tiny_workflow("espnet3d", "train.json", "evaluate.json", trained["overlay"], **overrides)
     wf.run()
     wf.finalize()
     evaluator = wf.parser.get_parsed_content("validate#evaluator")
@@ -146,18 +132,17 @@ def test_evaluate_writes_predictions_and_brats_metrics(trained):
         assert scored == pytest.approx(evaluator.state.metrics[f"val_{region.lower()}_dice"], abs=1e-4)
 
 
-def test_inference_on_folder_with_tta_and_ensemble(trained, tmp_path):
+def test_inference_on_folder_with_tta_and_ensemble(trained, tiny_workflow, tmp_path):
     root = trained["root"]
     folder = tmp_path / "cases"  # one labelled and one unlabelled case: 2 x 8 flips x 2 ensemble members
     for case in ("BraTS-GLI-00004-000", "BraTS-GLI-00005-000"):
         shutil.copytree(trained["dataset"] / case, folder / case)
-    wf = workflow(
-        INFERENCE,
-        root,
-        workflow_type="inference",
+    wf = tiny_workflow(
+        "espnet3d",
+        "inference.json",
+        bundle_root=str(root),
         dataset_dir=str(folder),
         prediction_dir=str(tmp_path / "pred"),
-        num_workers=0,
         tta=True,
         ensemble_checkpoints=[str(root / "models" / "last_checkpoint_epoch=1.pt")],
         **{"network_def#channels": CHANNELS},
@@ -170,13 +155,11 @@ def test_inference_on_folder_with_tta_and_ensemble(trained, tmp_path):
     assert_label_maps_match_inputs(tmp_path / "pred", cases)
 
 
-def test_inference_on_real_case(real_case, tmp_path):
+def test_inference_on_real_case(real_case, tiny_workflow, tmp_path):
     torch.manual_seed(0)
     (tmp_path / "models").mkdir()
     torch.save(ESPNet3D(channels=(4, 8, 32, 64)).state_dict(), tmp_path / "models" / "model.pt")  # untrained
-    wf = workflow(
-        INFERENCE, tmp_path, workflow_type="inference", dataset_dir=str(real_case), network_width=8, num_workers=0
-    )
+    wf = tiny_workflow("espnet3d", "inference.json", dataset_dir=str(real_case))
     wf.run()
     wf.finalize()
     cases = find_cases(real_case)

@@ -2,12 +2,13 @@
 
 The bundle commands run as real ``python -m monai.bundle run ...`` subprocesses on the tiny synthetic BraTS 2023
 dataset of ``conftest.py`` (32^3, 4 labelled cases -> 2 folds of 2, 2 unlabelled cases), with the shipped configs
-plus a small overlay written in ``tmp_path`` (``num_workers`` 0, cached data, 32^3 crops). One training run
-(``run training`` from the repository root, ``--network_def#init_filters 8 --epochs 2`` on the command line over the
-overlay's width 16 and 5 epochs) is shared by the module: its checkpoints feed the evaluation, the inference and the
-TorchScript export. A second, one-epoch training starts from inside the bundle folder with the default ``run`` id.
-Every run gets ``--bundle_root`` in ``tmp_path``, so nothing is written into the repository; the derivation of
-``bundle_root`` from the command line (what happens without ``--bundle_root``) is unit-tested on argv lists.
+plus a small overlay written in ``tmp_path`` (``conftest.TINY_OVERRIDES``: ``num_workers`` 0, cached data, 32^3
+crops). One training run (``run training`` from the repository root, ``--network_def#init_filters 8 --epochs 2`` on
+the command line over the overlay's width 16 and 5 epochs) is shared by the module: its checkpoints feed the
+evaluation, the inference and the TorchScript export. A second, one-epoch training starts from inside the bundle
+folder with the default ``run`` id. Every run gets ``--bundle_root`` in ``tmp_path``, so nothing is written into the
+repository; the derivation of ``bundle_root`` from the command line (what happens without ``--bundle_root``) is
+unit-tested on argv lists.
 
 ``verify_net_in_out``, ``ckpt_export`` and ``verify_metadata`` go through python-fire in this process, on the very
 functions ``python -m monai.bundle`` dispatches to (``monai/bundle/__main__.py`` is ``fire.Fire()`` over them), which
@@ -32,6 +33,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_OVERRIDES
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.bundle import __main__ as monai_bundle_main
 from monai.bundle.scripts import _get_fake_spatial_shape
@@ -53,12 +55,13 @@ REAL_CASE = REPO.parent / "shared" / "data" / "BraTS-GLI-00001-000"  # as the re
 #: one intra-op thread per run: two runs share the two cores, and tiny 3-D convolutions run faster on one thread
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
-ROI = [32, 32, 32]
-WIDTH = 8  # given on the command line; GroupNorm(8 groups) needs a multiple of 8
+TINY = TINY_OVERRIDES["segresnet_vae"]
+ROI = TINY["roi_size"]
+WIDTH = TINY["network_width"]  # given on the command line; GroupNorm(8 groups) needs a multiple of 8
 OVERLAY_WIDTH = 16  # what the command line must override
 EPOCHS = 2  # given on the command line
 OVERLAY_EPOCHS = 5  # what the command line must override
-NUM_FOLDS = 2
+NUM_FOLDS = TINY["num_folds"]
 TRAIN_CASES = 2  # 4 labelled cases in 2 folds: fold 0 validates, fold 1 trains
 BRATS2023_VALUES = set(get_convention("brats2023").values)
 #: the arguments of the plain SegResNet the bundle ships (inference.json's network_def), at the test width
@@ -183,15 +186,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def overlay(work: Path, synthetic_dataset: Path) -> Path:
     path = work / "tiny.json"
-    tiny = {
-        "dataset_dir": str(synthetic_dataset),
-        "num_folds": NUM_FOLDS,
-        "epochs": OVERLAY_EPOCHS,
-        "num_workers": 0,
-        "cache_rate": 1.0,
-        "roi_size": ROI,
-        "network_width": OVERLAY_WIDTH,
-    }
+    tiny = {**TINY, "dataset_dir": str(synthetic_dataset), "epochs": OVERLAY_EPOCHS, "network_width": OVERLAY_WIDTH}
     path.write_text(json.dumps(tiny, indent=1))
     return path
 
@@ -377,19 +372,10 @@ def test_verify_metadata():
 
 
 @pytest.mark.parametrize("workflow_type, config", [("train", TRAIN), ("inference", INFERENCE)])
-def test_check_properties(workflow_type, config, synthetic_dataset, tmp_path):
-    """The Model Zoo's check: every required (and every referenced optional) property resolves."""
-    workflow = ConfigWorkflow(
-        config_file=str(config),
-        meta_file=str(METADATA),
-        logging_file=False,
-        workflow_type=workflow_type,
-        bundle_root=str(tmp_path),  # handlers built here create eval/ and models/
-        dataset_dir=str(synthetic_dataset),
-        num_folds=NUM_FOLDS,
-        num_workers=0,
-    )
-    workflow.initialize()
+def test_check_properties(workflow_type, config, tiny_workflow):
+    """The Model Zoo's check: every required (and every referenced optional) property resolves (bundle_root in
+    ``tmp_path``: handlers built here create eval/ and models/)."""
+    workflow = tiny_workflow("segresnet_vae", str(config), workflow_type=workflow_type)
     assert workflow.check_properties() == []
 
 

@@ -324,27 +324,15 @@ def test_odd_file_out_by_affine_and_single_bad_case(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:parsing config_file")
-def test_bundle_inference_writes_the_good_cases_and_exits_with_the_bad_ones(mixed_folder, tmp_path):
+def test_bundle_inference_writes_the_good_cases_and_exits_with_the_bad_ones(mixed_folder, tiny_workflow, tmp_path):
     """espnet3d's inference.json (untrained, width 8) over the mixed folder: three label maps, then exit status 1
     with the four bad cases."""
-    from monai.bundle import ConfigWorkflow
-
     from custom_networks.espnet3d import ESPNet3D
 
     (tmp_path / "models").mkdir()
     torch.manual_seed(0)
     torch.save(ESPNet3D(channels=(4, 8, 32, 64)).state_dict(), tmp_path / "models" / "model.pt")
-    config = Path(__file__).resolve().parents[1] / "bundles" / "espnet3d" / "configs" / "inference.json"
-    wf = ConfigWorkflow(
-        config_file=str(config),
-        logging_file=False,
-        workflow_type="inference",
-        bundle_root=str(tmp_path),
-        dataset_dir=str(mixed_folder),
-        network_width=8,
-        num_workers=0,
-    )
-    wf.initialize()
+    wf = tiny_workflow("espnet3d", "inference.json", dataset_dir=str(mixed_folder))
     wf.run()
     with pytest.raises(CasesFailedError) as info:
         wf.finalize()

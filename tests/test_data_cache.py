@@ -10,24 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from brats_pipeline.bundle.workflows import bundle_workflow
 from brats_pipeline.data.cache import PersistentCaseDataset, cache_size, case_dataset
 from brats_pipeline.data.datalist import find_cases
 
 BUNDLES = ("segresnet_vae", "espnet3d")
-
-
-def workflow(bundle: str, root: Path, dataset: Path, **override):
-    return bundle_workflow(
-        bundle,
-        "train.json",
-        bundle_root=str(root),
-        dataset_dir=str(dataset),
-        num_folds=2,
-        num_workers=0,
-        network_width=8,
-        **override,
-    )
 
 
 def items(dataset, seed: int = 0) -> list[dict]:
@@ -39,12 +25,15 @@ def items(dataset, seed: int = 0) -> list[dict]:
 
 
 @pytest.mark.parametrize("bundle", BUNDLES)
-def test_shipped_training_reads_the_same_items_with_and_without_the_cache(bundle, synthetic_dataset, tmp_path):
+def test_shipped_training_reads_the_same_items_with_and_without_the_cache(
+    bundle, tiny_workflow, synthetic_dataset, tmp_path
+):
     """``train.json``'s default persistent cache: entries appear under ``cache_dir``, and the training and validation
     items (random crop and augmentation included, same seed) equal the uncached pipeline's, for segresnet_vae
-    (whole field of view restored after the cached brain box) and espnet3d (brain box)."""
-    cached = workflow(bundle, tmp_path / "a", synthetic_dataset)
-    plain = workflow(bundle, tmp_path / "b", synthetic_dataset, persistent_cache=False)
+    (whole field of view restored after the cached brain box) and espnet3d (brain box). ``cache_rate`` is the shipped
+    0 (no in-memory cache, which would replace the persistent one)."""
+    cached = tiny_workflow(bundle, bundle_root=str(tmp_path / "a"), cache_rate=0.0)
+    plain = tiny_workflow(bundle, bundle_root=str(tmp_path / "b"), cache_rate=0.0, persistent_cache=False)
     assert cached.parser.get_parsed_content("persistent_cache") is True
     for part in ("train", "validate"):
         ds_cached = cached.parser.get_parsed_content(f"{part}#dataset")

@@ -14,30 +14,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_OVERRIDES
 
 REPO = Path(__file__).resolve().parents[1]
 
-# per bundle: the overlay that makes the network tiny
-TINY_NETWORK = {
-    "segresnet_vae": {"network_width": 8},
-    "espnet3d": {"network_width": 8},
-}
-
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bundle", sorted(TINY_NETWORK))
+@pytest.mark.parametrize("bundle", sorted(TINY_OVERRIDES))
 def test_torchrun_two_ranks_gloo(bundle: str, synthetic_dataset: Path, tmp_path: Path) -> None:
     rank0_state = tmp_path / "rank0_state.pt"
     overlay = {
+        **TINY_OVERRIDES[bundle],
         "dataset_dir": str(synthetic_dataset),
         "bundle_root": str(tmp_path),
-        "num_folds": 2,
-        "epochs": 1,
-        "num_workers": 0,
-        "cache_rate": 1.0,
-        "batch_size": 1,
-        "roi_size": [32, 32, 32],
-        **TINY_NETWORK[bundle],
+        "batch_size": 1,  # one case per rank and step
         "finalize": [
             f"$torch.save(@network.module.state_dict(), {str(rank0_state)!r}) if dist.get_rank() == 0 else None",
             "$dist.is_initialized() and dist.destroy_process_group()",

@@ -21,6 +21,7 @@ entry point, once as a real subprocess.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -37,11 +38,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_OVERRIDES
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.bundle import __main__ as monai_bundle_main
 from monai.handlers import CheckpointLoader, EarlyStopHandler, MLFlowHandler, TensorBoardStatsHandler
 from monai.utils import path_to_sqlite_uri
 
+from brats_pipeline.bundle.workflows import bundle_workflow
 from brats_pipeline.data.datalist import build_datalist, write_json_atomic
 from brats_pipeline.data.layouts import CHANNELS, LAYOUTS, MSD_CHANNELS
 from brats_pipeline.losses.jaccard import WeightedCrossEntropyLoss
@@ -56,24 +59,10 @@ DOC = REPO / "docs" / "experiments.md"
 BUNDLES = ("segresnet_vae", "espnet3d")
 NOT_EXPERIMENTS = {"quickstart.json"}  # the quickstart overlay has its own documentation and test
 
-ROI = [32, 32, 32]
-WIDTH = 8
-#: the bundles' own keys, merged after the overlay: one training and one validation case, one epoch, tiny network
-TINY_TRAIN = {
-    "num_folds": 2,
-    "train_files": "$@datalist['training'][:1]",
-    "val_files": "$@datalist['training'][1:2]",
-    "epochs": 1,
-    "num_workers": 0,
-    "cache_rate": 1.0,
-    "roi_size": ROI,
-    "network_width": WIDTH,
-}
-#: inference.json: segresnet_vae ships a fixed init_filters (no network_width key), espnet3d a network_width key
-TINY_INFERENCE = {
-    "segresnet_vae": {"num_workers": 0, "network_def#init_filters": WIDTH},
-    "espnet3d": {"num_workers": 0, "network_width": WIDTH},
-}
+WIDTH = TINY_OVERRIDES["segresnet_vae"]["network_width"]
+#: the bundles' own keys, merged after the overlay: conftest's TINY_OVERRIDES (one epoch, tiny network, 32^3 crops,
+#: ...; the keys inference.json lacks are unused ids there) and, for training, one training and one validation case
+ONE_CASE_EACH = {"train_files": "$@datalist['training'][:1]", "val_files": "$@datalist['training'][1:2]"}
 
 #: overlay -> (bundles it is written for, the bundle configs it is merged after); the first base is the one its run
 #: test uses
@@ -114,21 +103,19 @@ def workflow(
     **override,
 ) -> ConfigWorkflow:
     """``train.json`` (or ``inference.json``) + ``configs/<overlay>`` ... merged in order, then the tiny overrides
-    (except the keys in ``keep``, left to the files) and ``override``."""
+    (except the keys in ``keep``, left to the files) and ``override``. Not conftest's ``tiny_workflow``: ``keep``,
+    and a bundle root and dataset per call."""
     base = "train.json" if workflow_type == "train" else "inference.json"
-    files = [str(bundle_config(bundle, base))] + [str(OVERLAY_DIR / o) for o in overlays]
-    tiny = TINY_TRAIN if workflow_type == "train" else TINY_INFERENCE[bundle]
-    wf = ConfigWorkflow(
-        config_file=files,
-        meta_file=str(bundle_config(bundle, "metadata.json")),
-        logging_file=False,
+    tiny = {**copy.deepcopy(TINY_OVERRIDES[bundle]), **(ONE_CASE_EACH if workflow_type == "train" else {})}
+    return bundle_workflow(
+        bundle,
+        base,
+        *(OVERLAY_DIR / o for o in overlays),
         workflow_type=workflow_type,
         bundle_root=str(bundle_root),
         dataset_dir=str(dataset_dir),
         **{**{k: v for k, v in tiny.items() if k not in keep}, **override},
     )
-    wf.initialize()
-    return wf
 
 
 def run(wf: ConfigWorkflow) -> ConfigWorkflow:
@@ -317,7 +304,7 @@ def test_overlay_parses(overlay, bundle, base, synthetic_dataset, msd_dataset, t
     wf = workflow(bundle, [overlay], tmp_path, dataset, workflow_type=kind, keep=keep)
     assert wf.check_properties() == []
     assert parsed(wf, "train#trainer" if kind == "train" else "evaluator") is not None
-    overridden = {"dataset_dir", *TINY_TRAIN, *TINY_INFERENCE[bundle]} - set(keep)
+    overridden = {"dataset_dir", *TINY_OVERRIDES[bundle], *ONE_CASE_EACH} - set(keep)
     for key, value in json.loads((OVERLAY_DIR / overlay).read_text()).items():
         plain = not isinstance(value, dict) and not (isinstance(value, str) and value.startswith(("$", "@")))
         if plain and key not in overridden and not key.startswith("+"):

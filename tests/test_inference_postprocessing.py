@@ -13,37 +13,31 @@ import pytest
 import torch
 from monai.transforms import LoadImaged
 
-from brats_pipeline.bundle.workflows import bundle_workflow
 from brats_pipeline.transforms.preprocessing import ThreadedNibabelReader
 
 
-def run_inference(bundle: str, root: Path, case: Path, **override) -> np.ndarray:
-    wf = bundle_workflow(
-        bundle,
-        "inference.json",
-        bundle_root=str(root),
-        dataset_dir=str(case),
-        network_width=8,
-        num_workers=0,
-        bf16_autocast=False,
-        **override,
-    )
+def predicted(wf, root: Path, case: Path) -> np.ndarray:
+    """Run and finalise ``wf``; the label map it wrote for ``case`` under ``root``."""
     wf.run()
     wf.finalize()
     return np.asarray(nib.load(root / "eval" / "predictions" / f"{case.name}.nii.gz").dataobj)
 
 
 @pytest.mark.parametrize("bundle", ["segresnet_vae", "espnet3d"])
-def test_label_maps_equal_with_and_without_probabilities(bundle, synthetic_dataset, tmp_path):
+def test_label_maps_equal_with_and_without_probabilities(bundle, tiny_workflow, synthetic_dataset, tmp_path):
     case = synthetic_dataset / "BraTS-GLI-00005-000"
     torch.manual_seed(0)
-    probe = bundle_workflow(bundle, "inference.json", network_width=8, bundle_root=str(tmp_path))
+    probe = tiny_workflow(bundle, "inference.json")
     weights = probe.parser.get_parsed_content("network_def").state_dict()
     for name in ("a", "b"):
         (tmp_path / name / "models").mkdir(parents=True)
         torch.save(weights, tmp_path / name / "models" / "model.pt")
-    direct = run_inference(bundle, tmp_path / "a", case)
-    via_probabilities = run_inference(bundle, tmp_path / "b", case, save_probabilities=True)
+    a, b = tmp_path / "a", tmp_path / "b"
+    settings = {"dataset_dir": str(case), "bf16_autocast": False}
+    direct = predicted(tiny_workflow(bundle, "inference.json", bundle_root=str(a), **settings), a, case)
+    via_probabilities = predicted(
+        tiny_workflow(bundle, "inference.json", bundle_root=str(b), save_probabilities=True, **settings), b, case
+    )
     assert (tmp_path / "b" / "eval" / "predictions" / f"{case.name}_prob.nii.gz").is_file()
     assert direct.shape == nib.load(case / f"{case.name}-t1c.nii.gz").shape
     assert np.array_equal(direct, via_probabilities)

@@ -12,12 +12,17 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_OVERRIDES
 
 from brats_pipeline.data.datalist import find_cases
 from brats_pipeline.tools.synthetic import generate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-SIZES = {"segresnet_vae": "[16,16,16]", "espnet3d": "[24,24,24]"}
+
+
+def flags(overrides: dict) -> list[str]:
+    """``--key value`` for each override, as python-fire reads them back (``False``, ``[32, 32, 32]``)."""
+    return [arg for key, value in overrides.items() for arg in (f"--{key}", str(value))]
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +48,9 @@ def test_train_and_infer_with_resection_cavity(bundle, post_treatment_dataset, t
     configs = str(
         [str(REPO / "bundles" / bundle / "configs" / "train.json"), str(REPO / "configs" / "brats2024_labels.json")]
     )
-    common = ["--bundle_root", str(tmp_path), "--network_width", "8", "--num_workers", "0"]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", configs, *common]
-    cmd += ["--dataset_dir", str(post_treatment_dataset), "--num_folds", "2", "--epochs", "1", "--batch_size", "1"]
-    cmd += ["--roi_size", SIZES[bundle]]
+    tiny = TINY_OVERRIDES[bundle]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", configs, *flags(tiny)]
+    cmd += ["--bundle_root", str(tmp_path), "--dataset_dir", str(post_treatment_dataset)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
@@ -65,7 +69,8 @@ def test_train_and_infer_with_resection_cavity(bundle, post_treatment_dataset, t
     configs = str(
         [str(REPO / "bundles" / bundle / "configs" / "inference.json"), str(REPO / "configs" / "brats2024_labels.json")]
     )
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, *common, "--dataset_dir", str(case)]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", configs, "--bundle_root", str(tmp_path)]
+    cmd += [*flags({k: tiny[k] for k in ("network_width", "num_workers")}), "--dataset_dir", str(case)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     pred = nib.load(tmp_path / "eval" / "predictions" / f"{case.name}.nii.gz")

@@ -15,38 +15,37 @@ from brats_pipeline.bundle.workflows import bundle_workflow
 from brats_pipeline.inference.runs import RECORD_NAME
 
 
-def inference(bundle: str, root: Path, cases: Path, **override):
-    wf = bundle_workflow(
-        bundle,
-        "inference.json",
-        bundle_root=str(root),
-        dataset_dir=str(cases),
-        network_width=8,
-        num_workers=0,
-        **override,
-    )
+def run_counting_forwards(wf) -> int:
+    """Run and finalise ``wf``; the number of forward passes of its network."""
     forwards = []
     wf.parser.get_parsed_content("network").register_forward_hook(lambda *a: forwards.append(1))
     wf.run()
     wf.finalize()
-    return wf, len(forwards)
+    return len(forwards)
 
 
-def save_weights(bundle: str, root: Path, seed: int) -> None:
+def save_weights(make, bundle: str, root: Path, seed: int) -> None:
+    """Untrained weights of the tiny inference network (``make``: the ``tiny_workflow`` factory) as ``model.pt``."""
     torch.manual_seed(seed)
-    wf = bundle_workflow(bundle, "inference.json", bundle_root=str(root), network_width=8, initialize=False)
+    wf = make(bundle, "inference.json", bundle_root=str(root), initialize=False)
     (root / "models").mkdir(parents=True, exist_ok=True)
     torch.save(wf.parser.get_parsed_content("network_def").state_dict(), root / "models" / "model.pt")
 
 
 @pytest.mark.parametrize("bundle", ["segresnet_vae", "espnet3d"])
-def test_existing_predictions_are_kept_and_named(bundle, synthetic_dataset, tmp_path, capsys):
+def test_existing_predictions_are_kept_and_named(bundle, tiny_workflow, synthetic_dataset, tmp_path, capsys):
     cases = tmp_path / "cases"
     for name in ("BraTS-GLI-00005-000", "BraTS-GLI-00006-000"):
         shutil.copytree(synthetic_dataset / name, cases / name)
     root = tmp_path / "bundle"
-    save_weights(bundle, root, seed=0)
-    _, forwards = inference(bundle, root, cases)
+
+    def inference(**override) -> int:
+        return run_counting_forwards(
+            tiny_workflow(bundle, "inference.json", bundle_root=str(root), dataset_dir=str(cases), **override)
+        )
+
+    save_weights(tiny_workflow, bundle, root, seed=0)
+    forwards = inference()
     out = capsys.readouterr().out
     assert forwards == 2
     assert f"inference: wrote 2 label map(s) to {root / 'eval' / 'predictions'}" in out
@@ -54,19 +53,20 @@ def test_existing_predictions_are_kept_and_named(bundle, synthetic_dataset, tmp_
     record = json.loads((root / "eval" / "predictions" / RECORD_NAME).read_text())
     assert set(record["cases"]) == {"BraTS-GLI-00005-000", "BraTS-GLI-00006-000"}
 
-    _, forwards = inference(bundle, root, cases)  # same model, same folder: nothing recomputed
+    forwards = inference()  # same model, same folder: nothing recomputed
     out = capsys.readouterr().out
     assert forwards == 0
     assert "wrote 0 label map(s)" in out and "kept 2 existing prediction(s)" in out and "--overwrite True" in out
     assert "another model" not in out
 
-    save_weights(bundle, root, seed=1)  # retrained: the kept maps are the old model's, and the run says so
-    _, forwards = inference(bundle, root, cases)
+    # retrained: the kept maps are the old model's, and the run says so
+    save_weights(tiny_workflow, bundle, root, seed=1)
+    forwards = inference()
     out = capsys.readouterr().out
     assert forwards == 0 and "WARNING: 2 kept prediction(s) were written by another model" in out
 
     before = (root / "eval" / "predictions" / "BraTS-GLI-00005-000.nii.gz").stat().st_mtime_ns
-    _, forwards = inference(bundle, root, cases, overwrite=True)
+    forwards = inference(overwrite=True)
     out = capsys.readouterr().out
     assert forwards == 2 and "wrote 2 label map(s)" in out and "kept" not in out
     assert (root / "eval" / "predictions" / "BraTS-GLI-00005-000.nii.gz").stat().st_mtime_ns > before
