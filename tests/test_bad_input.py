@@ -176,9 +176,28 @@ def test_data_checks(dataset):
     label = np.asanyarray(nib.load(seg).dataobj).copy()
     label[0, 0, 0] = 4  # BraTS 2018 enhancing tumor in a BraTS 2023 dataset
     _save(label, seg)
-    with pytest.raises(CaseError, match=f"{CASE}.*{seg.name}.*label values \\{{4\\}}"):
+    with pytest.raises(CaseError, match=f"{CASE}.*{seg.name}.*label values \\{{4\\}}") as info:
         check_case(entry)
+    assert "--label_convention" in str(info.value) and "(these values fit brats2024)" in str(info.value)  # 1-4 do
     check_case({k: v for k, v in entry.items() if k != "label_convention"})  # no convention declared: not checked
+
+
+@pytest.mark.parametrize("value", [5, 255])
+def test_label_value_of_no_convention_is_a_corrupt_file(dataset, value):
+    """A value that no BraTS convention has: the file is corrupt, named with the value; no --label_convention
+    advice (no convention would accept it)."""
+    (entry,) = [e for e in find_cases(dataset) if e["case_id"] == CASE]
+    seg = _file(dataset, "seg")
+    label = np.asanyarray(nib.load(seg).dataobj).astype(np.uint8)
+    label[0, 0, 0] = value
+    _save(label, seg)
+    with pytest.raises(CaseError) as info:
+        check_case(entry)
+    message = str(info.value)
+    assert info.value.case_id == CASE and Path(info.value.path) == seg
+    assert f"{seg}: label value {{{value}}} belongs to no BraTS label convention" in message, message
+    assert "corrupt" in message and "--label_convention" not in message and "--convention" not in message
+    assert "\n" not in message
 
 
 def test_check_case_entry_defects(dataset, tmp_path):

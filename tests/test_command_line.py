@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,9 @@ from monai.bundle import ConfigParser
 
 from brats_pipeline.bundle import command_line
 from brats_pipeline.bundle.command_line import (
+    USER_ERRORS,
     CommandLineError,
+    UserError,
     check_command_line,
     install_error_handler,
     parse_command_line,
@@ -179,6 +182,65 @@ def test_all_problems_in_one_message(tmp_path):
     assert refused(["run", "--args_file", str(args_file)]) == "unknown override --epoch: did you mean --epochs?"
 
 
+@pytest.mark.parametrize("text", ["None", "none", "null", "NULL"])
+def test_none_refused_for_a_key_with_a_value(text):
+    """python-fire turns None into None and MONAI drops None overrides: --dataset_dir None would silently run on the
+    config's /workspace/data/... folder. Refused, in one line saying to give a folder."""
+    for bundle in BUNDLES:
+        default = json.loads(Path(config(bundle, "train")).read_text())["dataset_dir"]
+        message = refused(run_args(bundle, "train", "--dataset_dir", text))
+        assert message.startswith(f"--dataset_dir {text} ") and message.endswith(
+            "give a folder: --dataset_dir /path/to/folder" + ("" if text == "None" else f" (the config's value is {default!r})")
+        ), message
+        assert repr(default) in message and "\n" not in message
+    assert refused(run_args("espnet3d", "train", "--dataset_dir", "None")) == (
+        "--dataset_dir None is ignored: MONAI drops an override whose value is None and the run would use the "
+        "config's value '/workspace/data/BraTS2021_TrainingData'; give a folder: --dataset_dir /path/to/folder"
+    )
+    # an expression (the output folder), a number, a boolean, a component: all have a value that None would keep
+    assert "give a folder: --output_dir" in refused(run_args("segresnet_vae", "inference", "--output_dir", text))
+    assert "give a value: --sw_overlap VALUE" in refused(run_args("segresnet_vae", "inference", "--sw_overlap", text))
+    assert "write --tta True or --tta False" in refused(run_args("espnet3d", "inference", "--tta", text))
+    quickstart = str([config("segresnet_vae", "train"), str(REPO / "configs" / "quickstart.json")])
+    assert "ensure_dataset(...)" in refused(["run", "training", "--config_file", quickstart, "--dataset_dir", text])
+
+
+def test_none_accepted_where_it_changes_nothing_or_is_a_choice():
+    check_command_line(run_args("segresnet_vae", "inference", "--test_scales", "None"))  # null already
+    check_command_line(run_args("segresnet_vae", "inference", "--inferer#activation", "none"))  # a string choice
+    check_command_line(run_args("segresnet_vae", "train", "--dataset_dir", "/data/none"))  # a folder that says none
+
+
+def test_overlay_before_the_bundle_config_refused(tmp_path, monkeypatch):
+    """MONAI takes the first config file's folder as the bundle's configs/ folder: an overlay first would read no
+    metadata.json and write models/ and eval/ at the repository root."""
+    monkeypatch.chdir(REPO)
+    wrong = "['configs/quickstart.json','bundles/segresnet_vae/configs/train.json']"
+    assert refused(["run", "training", "--config_file", wrong]) == (
+        "--config_file lists configs/quickstart.json before the bundle's config bundles/segresnet_vae/configs/train.json: "
+        "MONAI takes the first file's folder for the bundle's configs/ folder (metadata.json, models/, eval/); list the "
+        "bundle's config first: --config_file \"['bundles/segresnet_vae/configs/train.json','configs/quickstart.json']\""
+    )
+    # the suggested order passes, and so do two files of the bundle, or overlays alone (not a bundle run)
+    check_command_line(["run", "training", "--config_file", "['bundles/segresnet_vae/configs/train.json','configs/quickstart.json']"])  # fmt: skip
+    check_command_line(["run", "--config_file", str([config("espnet3d", "train"), config("espnet3d", "evaluate")])])
+    check_command_line(["run", "--config_file", "configs/quickstart.json,configs/tta.json"])
+    # several overlays and bundle files, comma-separated: bundle files first, each group in the order given
+    mixed = "configs/tta.json,bundles/espnet3d/configs/inference.json,configs/ensemble.json"
+    assert refused(["run", "--config_file", mixed]).endswith(
+        "--config_file \"['bundles/espnet3d/configs/inference.json','configs/tta.json','configs/ensemble.json']\""
+    )
+    # a bundle config is a file in a configs/ folder holding metadata.json: a copied bundle counts, a bare folder not
+    bundle = tmp_path / "my_bundle" / "configs"
+    bundle.mkdir(parents=True)
+    (bundle / "train.json").write_text(Path(config("espnet3d", "train")).read_text())
+    overlay = tmp_path / "overlay.json"
+    overlay.write_text(json.dumps({"epochs": 1}))
+    check_command_line(["run", "--config_file", str([str(overlay), str(bundle / "train.json")])])
+    (bundle / "metadata.json").write_text(Path(config("espnet3d", "metadata")).read_text())
+    assert "list the bundle's config first" in refused(["run", "--config_file", str([str(overlay), str(bundle / "train.json")])])
+
+
 def test_only_the_bundle_command_line_is_checked(monkeypatch):
     bad = ["run", "--config_file", config("espnet3d", "train"), "--epoch", "1"]
     monkeypatch.setattr(sys, "argv", ["pytest", *bad])
@@ -262,6 +324,24 @@ def test_user_error_message_looks_through_monai_wrappers():
         raise RuntimeError("a bug while handling it") from DatasetError("x")
     except RuntimeError as e:
         assert user_error_message(e) is None
+
+
+def test_user_errors_include_their_subclasses():
+    """UserError is the base any tool's own mistakes may share (the scorer's ScoringError); its subclasses, and those
+    of the other USER_ERRORS, are one line even when known only by name in a DataLoader worker's traceback text."""
+    assert UserError in USER_ERRORS and issubclass(CommandLineError, UserError)
+
+    class ToolError(UserError):
+        pass
+
+    assert user_error_message(_wrapped(ToolError("no prediction in p matches"))) == "no prediction in p matches"
+    worker = RuntimeError(
+        "Caught CorruptLabelError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\nbrats_pipeline.transforms.labels.CorruptLabelError: /d/a_seg.nii.gz: label '
+        "value {5} belongs to no BraTS label convention\n"
+    )
+    assert user_error_message(worker) == "/d/a_seg.nii.gz: label value {5} belongs to no BraTS label convention"
+    assert user_error_message(RuntimeError(str(worker).replace("CorruptLabelError", "KeyError"))) is None
 
 
 def test_state_dict_errors_in_one_line():
@@ -410,6 +490,31 @@ def test_typo_refused_before_anything_runs(tmp, tmp_path, bundle):
     proc = bundle_run(tmp, bundle, "train", "--epoch", "1", "--dataset_dir", "empty", "--bundle_root", str(tmp_path))
     assert error_line(proc) == "error: unknown override --epoch: did you mean --epochs?"
     assert not list(tmp_path.iterdir())  # not even the dataset was looked at
+
+
+@pytest.mark.slow
+def test_none_and_overlay_first_refused_in_a_run(tmp_path):
+    """Real runs of a copy of the bundle: --dataset_dir None, and the quickstart overlay listed first, end in one
+    error line before anything is written (MONAI's own complaints about the missing metadata.json come first)."""
+    shutil.copytree(REPO / "bundles" / "segresnet_vae" / "configs", tmp_path / "bundles" / "b" / "configs")
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file"]
+    proc = subprocess.run(
+        [*cmd, "bundles/b/configs/train.json", "--dataset_dir", "None"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=ENV,
+    )  # fmt: skip
+    assert error_line(proc).startswith("error: --dataset_dir None is ignored: MONAI drops an override")
+    wrong = "['configs/quickstart.json','bundles/b/configs/train.json']"
+    proc = subprocess.run([*cmd, wrong], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=ENV)
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and proc.stderr.count("error: ") == 1, proc.stderr
+    assert lines[-1] == (
+        "error: --config_file lists configs/quickstart.json before the bundle's config bundles/b/configs/train.json: "
+        "MONAI takes the first file's folder for the bundle's configs/ folder (metadata.json, models/, eval/); list "
+        "the bundle's config first: --config_file \"['bundles/b/configs/train.json','configs/quickstart.json']\""
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundles", "configs"]  # no quickstart_data, models, eval
+    assert sorted(p.name for p in (tmp_path / "bundles" / "b").iterdir()) == ["configs"]
 
 
 @pytest.mark.slow

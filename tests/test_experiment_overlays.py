@@ -81,6 +81,8 @@ OVERLAYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "mlflow.json": (BUNDLES, ("train.json",)),
     "segresnet_paper_protocol.json": (("segresnet_vae",), ("train.json",)),
     "espnet_paper_protocol.json": (("espnet3d",), ("train.json",)),
+    "espnet_code_protocol.json": (("espnet3d",), ("train.json",)),
+    "espnet_code_test.json": (("espnet3d",), ("inference.json",)),
 }
 #: overlays whose keys replace the tiny crop (they are about the crop)
 CROP_OVERLAYS = {"crop_paper.json": [160, 192, 128], "crop_small.json": [128, 128, 128]}

@@ -486,6 +486,46 @@ def test_bad_test_scales_raise(scales):
         BratsInferer(test_scales=scales)
 
 
+def _adaptive_average_by_hand(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """Adaptive average pooling of ``x`` ``(B, C, *spatial)`` written out: output voxel ``i`` of an axis of length
+    ``n`` averages input voxels ``floor(i n / m)`` to ``ceil((i + 1) n / m) - 1`` (PyTorch's windows)."""
+    out = torch.empty((*x.shape[:2], *size))
+    windows = [
+        [(i * n // m, -(-(i + 1) * n // m)) for i in range(m)] for n, m in zip(x.shape[2:], size, strict=True)
+    ]
+    for i, (a0, a1) in enumerate(windows[0]):
+        for j, (b0, b1) in enumerate(windows[1]):
+            for k, (c0, c1) in enumerate(windows[2]):
+                out[:, :, i, j, k] = x[:, :, a0:a1, b0:b1, c0:c1].mean(dim=(2, 3, 4))
+    return out
+
+
+def test_test_scale_with_its_own_mode_pools_as_the_reference():
+    """``{"size": ..., "mode": "area"}``: the network sees the input adaptive-average-pooled to that size, as the
+    3D-ESPNet reference's ``inp_res`` pools it (``Model.py``: ``F.adaptive_avg_pool3d``); checked against the pooling
+    computed by hand, for a size that divides the input and one that does not. Plain entries keep ``scale_mode``."""
+    x = torch.rand(1, 2, 12, 7, 10, generator=torch.Generator().manual_seed(0))
+    seen: list[torch.Tensor] = []
+
+    def net(t: torch.Tensor) -> torch.Tensor:
+        seen.append(t.clone())
+        return torch.zeros(t.shape[0], 3, *t.shape[2:])
+
+    scales = ["native", {"size": [6, 3, 5], "mode": "area"}, {"size": [5, 4, 3], "mode": "area"}, [6, 3, 5]]
+    inferer = BratsInferer(test_scales=scales, activation="none")
+    assert inferer.scale_modes == ["trilinear", "area", "area", "trilinear"]
+    inferer(x, net)
+    assert torch.equal(seen[0], x)
+    for got, size in zip(seen[1:3], [(6, 3, 5), (5, 4, 3)], strict=True):
+        torch.testing.assert_close(got, _adaptive_average_by_hand(x, size), rtol=1e-6, atol=1e-6)
+    trilinear = torch.nn.functional.interpolate(x, size=(6, 3, 5), mode="trilinear", align_corners=True)
+    torch.testing.assert_close(seen[3], trilinear)
+    with pytest.raises(ValueError, match="cubic"):
+        BratsInferer(test_scales=[{"size": 8, "mode": "cubic"}])
+    with pytest.raises(ValueError, match="'size' and optionally 'mode'"):
+        BratsInferer(test_scales=[{"mode": "area"}])
+
+
 def test_scale_of_wrong_rank_and_bad_mode_raise(image):
     with pytest.raises(ValueError, match="spatial dims"):
         BratsInferer(test_scales=[[16, 16]])(image, conv_net())

@@ -1,4 +1,6 @@
-"""The papers' protocols (``configs/segresnet_paper_protocol.json``, ``configs/espnet_paper_protocol.json``) and their
+"""The papers' protocols (``configs/segresnet_paper_protocol.json``; 3D-ESPNet as its paper states it,
+``configs/espnet_paper_protocol.json``, and as its code trains it, ``configs/espnet_code_protocol.json`` with
+``configs/espnet_code_test.json``) and their
 pieces in :mod:`brats_pipeline.training.epochs`, :mod:`~brats_pipeline.training.records` and :mod:`~brats_pipeline.evaluation.plan`: 3D-ESPNet's three-pass epoch (``ResizedPasses``, ``PassBatchSampler``),
 Myronenko's final model trained on all cases (``FinalModelSaver``), the record of which cases a run saw
 (``CaseRecord``) and the honest evaluation statement (``evaluation_plan``).
@@ -30,7 +32,9 @@ from custom_networks.segresnet_vae import VAE_PREFIX
 
 REPO = Path(__file__).resolve().parents[1]
 SEG_OVERLAY = REPO / "configs" / "segresnet_paper_protocol.json"
-ESP_OVERLAY = REPO / "configs" / "espnet_paper_protocol.json"
+ESP_PAPER = REPO / "configs" / "espnet_paper_protocol.json"
+ESP_CODE = REPO / "configs" / "espnet_code_protocol.json"
+ESP_CODE_TEST = REPO / "configs" / "espnet_code_test.json"
 WIDTH = 8
 
 #: keys proposed for both bundles' evaluate.json (see the report of issue 15 / docs/experiments.md)
@@ -271,7 +275,7 @@ def test_empty_splits_say_what_to_do(datalist):
 
 
 def test_overlay_files_are_json_objects():
-    for path in (SEG_OVERLAY, ESP_OVERLAY):
+    for path in (SEG_OVERLAY, ESP_PAPER, ESP_CODE, ESP_CODE_TEST):
         assert isinstance(json.loads(path.read_text()), dict)
 
 
@@ -323,20 +327,22 @@ def test_segresnet_paper_protocol_trains_on_all_cases_and_keeps_the_final_model(
 
 
 @pytest.mark.slow
-def test_espnet_paper_protocol_epoch_is_three_resized_passes(synthetic_dataset, tmp_path):
+def test_espnet_code_protocol_epoch_is_three_resized_passes(synthetic_dataset, tmp_path):
     """One epoch = one pass per size of ``epoch_passes`` over the whole brain boxes resized to that size (batches of
     one size), the LR schedule steps once per such epoch; then ``evaluate.json`` with the proposed keys averages the
     native and a resized scale and prints the statement of what it scores (the selection fold: warned)."""
     sizes = [16, 24, 32]
     wf = workflow(
         "espnet3d",
-        [ESP_OVERLAY],
+        [ESP_CODE],
         tmp_path,
         synthetic_dataset,
         epochs=2,
         batch_size=2,
         epoch_passes=sizes,
         lr_milestones=[1],
+        train_on_all=False,
+        keep_model="best",
     )
     parser = wf.parser
     loader = parser.get_parsed_content("train#dataloader")
@@ -348,12 +354,12 @@ def test_espnet_paper_protocol_epoch_is_three_resized_passes(synthetic_dataset, 
     trainer = parser.get_parsed_content("train#trainer")
     assert trainer.state.iteration == 2 * 3
     assert sorted(s[2:] for s in seen) == sorted([(n, n, n) for n in sizes] * 2) and all(s[0] == 2 for s in seen)
-    assert parser.get_parsed_content("optimizer").param_groups[0]["lr"] == pytest.approx(1e-5)  # stepped per epoch
+    assert parser.get_parsed_content("optimizer").param_groups[0]["lr"] == pytest.approx(2.5e-4)  # stepped per epoch
     assert len(read_case_record(tmp_path / "models")["selected_on"]) == 2
 
     configs = REPO / "bundles" / "espnet3d" / "configs"
     ev = ConfigWorkflow(
-        config_file=[str(configs / "train.json"), str(ESP_OVERLAY), str(configs / "evaluate.json")],
+        config_file=[str(configs / "train.json"), str(ESP_CODE), str(configs / "evaluate.json")],
         meta_file=str(configs / "metadata.json"),
         logging_file=False,
         workflow_type="train",
@@ -362,6 +368,8 @@ def test_espnet_paper_protocol_epoch_is_three_resized_passes(synthetic_dataset, 
         num_workers=0,
         network_width=WIDTH,
         num_folds=2,
+        train_on_all=False,
+        keep_model="best",
         test_scales=["native", 24],
         **EVALUATE_KEYS,
     )
@@ -382,7 +390,7 @@ def test_evaluate_a_held_out_folder(synthetic_dataset, tmp_path):
 
     holdout = tmp_path / "holdout"
     generate_dataset(holdout, 2, "brats2023", (32, 32, 32), seed=7, start_index=501)
-    wf = workflow("espnet3d", [ESP_OVERLAY], tmp_path, synthetic_dataset, epochs=1, batch_size=2, epoch_passes=[24])
+    wf = workflow("espnet3d", [ESP_CODE], tmp_path, synthetic_dataset, epochs=1, batch_size=2, epoch_passes=[24])
     wf.run()
     configs = REPO / "bundles" / "espnet3d" / "configs"
     ev = ConfigWorkflow(
@@ -404,3 +412,111 @@ def test_evaluate_a_held_out_folder(synthetic_dataset, tmp_path):
     assert written["held_out"] is True and written["warnings"] == []
     assert written["cases"] == ["BraTS-GLI-00501-000", "BraTS-GLI-00502-000"]
     assert json.loads((tmp_path / "eval" / "metrics_summary.json").read_text())["n_cases"] == 2
+
+
+# ------------------------------------------------------------------------------------------------- 3D-ESPNet's two sources
+
+
+def test_class_iou_is_the_reference_miou():
+    """``ClassIoUMetric``: per case, the IoU of each class with the reference's epsilon (a class absent from both
+    scores 0), averaged over the classes and then over the cases: the reference's ``iouEval`` (``IOUEval.py``)
+    written out with numpy, less its constant factor cases / (cases + 1)."""
+    import numpy as np
+
+    from brats_pipeline.training.validation import ClassIoUMetric, class_iou_metrics
+
+    g = torch.Generator().manual_seed(0)
+    preds = [torch.randint(0, 4, (1, 6, 5, 4), generator=g) for _ in range(3)]
+    refs = [torch.randint(0, 3, (1, 6, 5, 4), generator=g) for _ in range(3)]  # class 3 absent from the references
+
+    def reference_case(pred, gth):  # iouEval.addBatch's per-batch mIOU
+        hist = np.bincount(4 * gth.numpy().flatten() + pred.numpy().flatten(), minlength=16).reshape(4, 4)
+        iou = np.diag(hist) / (hist.sum(1) + hist.sum(0) - np.diag(hist) + 0.00000001)
+        return np.nanmean(iou)
+
+    metric = ClassIoUMetric()
+    for p, r in zip(preds, refs, strict=True):
+        metric(p[None], r[None])
+    expected = np.mean([reference_case(p, r) for p, r in zip(preds, refs, strict=True)])
+    assert float(metric.aggregate()) == pytest.approx(expected, rel=1e-6)
+    # the handler recovers the classes from the engines' nested regions
+    regions = torch.stack([refs[0] == 1, refs[0] >= 1, refs[0] == 3]).squeeze(1).float()
+    handler = class_iou_metrics()["val_mean_iou"]
+    classes, labels = handler._output_transform([{"pred": regions, "label": regions}])
+    assert torch.equal(classes[0].long(), labels[0].long())
+    assert torch.equal(classes[0].long(), torch.where(refs[0] == 2, 2, refs[0]).long())
+
+
+def test_espnet_code_protocol_schedule_is_main_py():
+    """lr 5e-4 halved every 100 epochs for 500 epochs (``main.py``: ``StepLR(step_size=100, gamma=0.5)`` stepped at
+    the start of each epoch), weighted cross-entropy, weight decay 2e-4, batch 4, passes 144/96/128: every epoch's
+    learning rate of the overlay's ``MultiStepLR`` equals ``main.py``'s."""
+    configs = REPO / "bundles" / "espnet3d" / "configs"
+    parser = ConfigWorkflow(
+        config_file=[str(configs / "train.json"), str(ESP_CODE)], workflow_type="train", logging_file=False,
+        meta_file=str(configs / "metadata.json"),
+    ).parser  # fmt: skip
+    assert [parser.get_parsed_content(k) for k in ("epochs", "batch_size", "weight_decay", "loss_name")] == [
+        500, 4, 2e-4, "cross_entropy",
+    ]  # fmt: skip
+    assert parser.get_parsed_content("epoch_passes") == [144, 96, 128]
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=parser.get_parsed_content("learning_rate"))
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, parser.get_parsed_content("lr_milestones"), parser.get_parsed_content("lr_gamma")
+    )
+    ours = []
+    for _ in range(500):  # LrScheduleHandler steps once at the end of every epoch
+        ours.append(optimizer.param_groups[0]["lr"])
+        scheduler.step()
+    assert ours == [pytest.approx(5e-4 * 0.5 ** (epoch // 100)) for epoch in range(500)]
+
+
+@pytest.mark.slow
+def test_espnet_code_protocol_trains_on_all_and_selects_on_the_separate_folder(synthetic_dataset, tmp_path):
+    """The README's "Option 3": every case of ``dataset_dir`` trains, the cases of ``val_dataset_dir`` (a separate
+    labelled folder) validate, and ``model.pt`` is the epoch with the best validation mIoU; without the folder the
+    final model is kept and nothing validates. At test time the 144^3 scale is pooled (``"area"``)."""
+    from brats_pipeline.tools.synthetic import generate_dataset
+
+    held = tmp_path / "brats17"
+    generate_dataset(held, 2, "brats2023", (32, 32, 32), seed=9, start_index=701)
+    wf = workflow("espnet3d", [ESP_CODE], tmp_path, synthetic_dataset, epochs=1, batch_size=2, epoch_passes=[24],
+                  val_dataset_dir=str(held))  # fmt: skip
+    assert len(wf.parser.get_parsed_content("train_files")) == 4
+    assert [c["case_id"] for c in wf.parser.get_parsed_content("val_files")] == ["BraTS-GLI-00701-000", "BraTS-GLI-00702-000"]
+    wf.run()
+    evaluator = wf.parser.get_parsed_content("validate#evaluator")
+    assert evaluator.state.key_metric_name == "val_mean_iou" and "val_mean_dice" in evaluator.state.metrics
+    record = read_case_record(tmp_path / "models")
+    assert record["model_selection"] == "best val_mean_iou" and len(record["trained_on"]) == 4
+    assert record["selected_on"] == ["BraTS-GLI-00701-000", "BraTS-GLI-00702-000"]
+    assert (tmp_path / "models" / "model.pt").is_file()
+
+    none = workflow("espnet3d", [ESP_CODE], tmp_path / "none", synthetic_dataset, epochs=1, epoch_passes=[24])
+    assert none.parser.get_parsed_content("val_files") == []
+    assert none.parser.get_parsed_content("training_run").keep_model == "final"
+
+    configs = REPO / "bundles" / "espnet3d" / "configs"
+    for files, key in (([configs / "train.json", ESP_CODE, configs / "evaluate.json"], "validate#inferer"),
+                       ([configs / "inference.json", ESP_CODE_TEST], "inferer")):  # fmt: skip
+        parser = ConfigWorkflow(config_file=[str(f) for f in files], workflow_type="inference", logging_file=False,
+                                meta_file=str(configs / "metadata.json"), bundle_root=str(tmp_path)).parser  # fmt: skip
+        inferer = parser.get_parsed_content(key)
+        assert inferer.test_scales == [None, (144, 144, 144)] and inferer.scale_modes == ["trilinear", "area"], key
+
+
+@pytest.mark.slow
+def test_espnet_paper_protocol_selects_by_miou_on_the_withheld_fold(synthetic_dataset, tmp_path):
+    """The paper's reading: one fold of five withheld (80:20; two folds here for four cases), the bundle's weighted
+    mIoU loss, 1e-4 decreased tenfold after 200 of 300 epochs, batch 4, scaling and flips, and the model kept by
+    the mIoU of the withheld cases."""
+    wf = workflow("espnet3d", [ESP_PAPER], tmp_path, synthetic_dataset, epochs=1, batch_size=2, roi_size=[24, 24, 24])
+    parser = wf.parser
+    assert type(parser.get_parsed_content("loss")).__name__ == "WeightedJaccardLoss"
+    assert [parser.get_parsed_content(k) for k in ("learning_rate", "lr_milestones", "lr_gamma")] == [1e-4, [200], 0.1]
+    assert len(parser.get_parsed_content("val_files")) == 2 and len(parser.get_parsed_content("train_files")) == 2
+    wf.run()
+    evaluator = parser.get_parsed_content("validate#evaluator")
+    assert evaluator.state.key_metric_name == "val_mean_iou"
+    assert read_case_record(tmp_path / "models")["model_selection"] == "best val_mean_iou"
+

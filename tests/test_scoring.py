@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from brats_pipeline.bundle.command_line import DEBUG_ENV, USER_ERRORS, UserError, user_error_message
 from brats_pipeline.evaluation.metrics import HD95_EMPTY_MM
 from brats_pipeline.evaluation.scoring import (
     PER_CASE_COLUMNS,
@@ -28,7 +30,7 @@ from brats_pipeline.evaluation.scoring import (
     score_folders,
 )
 from brats_pipeline.tools.synthetic import generate_dataset
-from brats_pipeline.transforms.labels import LabelConventionError
+from brats_pipeline.transforms.labels import CorruptLabelError, LabelConventionError
 
 SHAPE = (16, 16, 12)
 SPACING = (1.0, 1.0, 2.0)
@@ -325,3 +327,156 @@ def test_case_ids_limit_the_scored_references(folders):
     assert all(r["dice"] == 0.0 for r in rows if r["case_id"] == CASES[2])
     with pytest.raises(ScoringError, match="BraTS-GLI-00777-000"):
         score_folders(pred_dir, label_dir, "brats2023", case_ids=["BraTS-GLI-00777-000"], progress=False)
+
+
+# --- user mistakes: one error line, exit status 1 ---------------------------------------------------------------------
+
+#: the installed console command (pip install -e .), next to this interpreter
+BRATS_SCORE = Path(sys.executable).parent / "brats-score"
+#: without BRATS_DEBUG, whatever the calling shell set
+SCORE_ENV = {k: v for k, v in os.environ.items() if k != DEBUG_ENV} | {"OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+
+
+def _score(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    assert BRATS_SCORE.is_file(), f"{BRATS_SCORE} is not installed (pip install -e .)"
+    cmd = [str(BRATS_SCORE), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env or SCORE_ENV, cwd=cwd)
+
+
+def _one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The failed command's stderr: exactly one line, ``error: ...``, and exit status 1."""
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), (proc.returncode, proc.stderr)
+    return lines[0]
+
+
+def test_scoring_errors_are_user_errors():
+    """Every scorer mistake is a UserError, which the one-line handler knows; ConventionError is also what the
+    bundles' handler knew already (LabelConventionError)."""
+    assert issubclass(ScoringError, UserError) and UserError in USER_ERRORS
+    assert issubclass(ConventionError, ScoringError) and issubclass(ConventionError, LabelConventionError)
+    assert issubclass(ScoringError, ValueError)  # callers catching ValueError keep working
+    assert user_error_message(ScoringError("pred_dir p is not a directory")) == "pred_dir p is not a directory"
+
+
+def test_cli_prediction_in_another_convention_is_one_error_line(tmp_path):
+    """BraTS 2018 predictions (ET = 4) against BraTS 2023 labels: the advice in one line, no traceback, no files;
+    BRATS_DEBUG=1 gives the traceback back."""
+    label_dir, pred_dir = tmp_path / "labels", tmp_path / "preds"
+    for case in CASES[:2]:
+        _save(label_dir / case / f"{case}-seg.nii.gz", _tumor())
+        _save(pred_dir / f"{case}.nii.gz", np.where(_tumor() == 3, 4, _tumor()))  # ET in the 2018 convention
+    args = ["--pred_dir", str(pred_dir), "--label_dir", str(label_dir), "--output_dir", str(tmp_path / "o")]
+    proc = _score(*args, "--convention", "brats2023")
+    line = _one_error_line(proc)
+    assert line.startswith(f"error: {pred_dir / CASES[0]}.nii.gz: label values {{4}} are not part of the 'brats2023'")
+    assert line.endswith("give the predictions' convention with --pred_convention (brats2018, brats2023, brats2024, msd)")
+    assert proc.stdout == "" and not (tmp_path / "o").exists()
+    # without --convention the detected one is logged (INFO) first; the error is still the one last line
+    proc = _score(*args)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1] == line and proc.stderr.count("error: ") == 1
+    debug = _score(*args, "--convention", "brats2023", env={**SCORE_ENV, DEBUG_ENV: "1"})
+    assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
+    assert "ConventionError: " in debug.stderr and "\nerror: " not in debug.stderr
+
+
+def test_cli_missing_folders_are_one_error_line(folders, tmp_path):
+    label_dir, pred_dir, _, _ = folders
+    out = ["--output_dir", str(tmp_path / "o"), "--convention", "brats2023"]
+    missing = tmp_path / "no_such_predictions"
+    proc = _score("--pred_dir", str(missing), "--label_dir", str(label_dir), *out)
+    assert _one_error_line(proc) == f"error: pred_dir {missing} is not a directory"
+    proc = _score("--pred_dir", str(pred_dir), "--label_dir", str(tmp_path / "no_labels"), *out)
+    assert _one_error_line(proc) == f"error: label_dir {tmp_path / 'no_labels'} is not a directory"
+    proc = _score("--pred_dir", str(pred_dir), "--label_dir", str(label_dir), *out, "--rules", "brats2099")
+    assert _one_error_line(proc) == "error: rules (--rules) must be one of brats2023, captk, monai; got 'brats2099'"
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_nothing_matches_fails(folders, tmp_path):
+    """Predictions of other cases (the validation folder's, say) against these labels: no all-worst table with exit
+    status 0, but one line naming both folders and what each holds; whatever --on_missing says."""
+    label_dir, _, _, _ = folders
+    other = tmp_path / "validation_predictions"
+    for i in (1, 2):
+        _save(other / f"BraTS-GLI-0090{i}-000.nii.gz", _tumor())
+    args = ["--pred_dir", str(other), "--label_dir", str(label_dir), "--output_dir", str(tmp_path / "o")]
+    proc = _score(*args, "--convention", "brats2023")
+    assert _one_error_line(proc) == (
+        f"error: no prediction in {other} (2 NIfTI files, e.g. BraTS-GLI-00901-000.nii.gz) matches a reference case "
+        f"in {label_dir} (3 reference label files, e.g. case {CASES[0]}); predictions are matched by case id: are "
+        "these the predictions of the cases in that label folder?"
+    )
+    assert proc.stdout == "" and not (tmp_path / "o").exists()
+    for on_missing in ("empty", "skip", "error"):
+        proc = _score(*args, "--convention", "brats2023", "--on_missing", on_missing)
+        assert "no prediction in" in _one_error_line(proc), on_missing
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = _score("--pred_dir", str(empty), "--label_dir", str(label_dir), "--output_dir", str(tmp_path / "o"))
+    assert f"no prediction in {empty} (0 NIfTI files) matches" in proc.stderr.splitlines()[-1]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+
+
+def test_nothing_matches_in_python(folders, tmp_path):
+    """score_folders raises too; with case_ids (evaluate.json: its own run wrote the predictions, and its failure
+    report names the cases that failed) the listed cases are scored by on_missing."""
+    label_dir, _, _, _ = folders
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for on_missing in ("worst", "skip"):
+        with pytest.raises(ScoringError, match=rf"no prediction in {empty} \(0 NIfTI files\).*3 reference label files"):
+            score_folders(empty, label_dir, "brats2023", on_missing=on_missing, progress=False, print_table=False)
+    with pytest.raises(ScoringError, match="no prediction in"):
+        score_folders(empty, label_dir, "brats2023", case_ids=[CASES[0]], on_missing="skip", progress=False)
+    rows, summary = score_folders(
+        empty, label_dir, "brats2023", case_ids=[CASES[0]], on_missing="worst", progress=False, print_table=False
+    )
+    assert summary["n_missing_predictions"] == 1 and all(r["dice"] == 0.0 for r in rows)
+
+
+def test_missing_ids_listed_up_to_twenty(tmp_path, capsys):
+    """A fold scored against the whole training folder (--on_missing skip): the log and the table name the first 20
+    missing cases, metrics_summary.json every one."""
+    label_dir, pred_dir = tmp_path / "labels", tmp_path / "preds"
+    cases = [f"BraTS-GLI-{i:05d}-000" for i in range(1, 26)]
+    for case in cases:
+        _save(label_dir / case / f"{case}-seg.nii.gz", _tumor())
+    _save(pred_dir / f"{cases[0]}.nii.gz", _tumor())
+    _, summary = score_folders(pred_dir, label_dir, "brats2023", output_dir=tmp_path / "o", figure=False, progress=False)
+    assert summary["n_cases"] == 1 and len(summary["missing_predictions"]) == 24
+    warning = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("WARNING"))
+    assert warning.endswith(f"{cases[20]}, ... (4 more)") and cases[21] not in warning
+    assert len(json.loads((tmp_path / "o" / "metrics_summary.json").read_text())["missing_predictions"]) == 24
+
+
+def test_corrupt_label_value_is_not_a_convention_flag(folders):
+    """A value no convention has (5) is a corrupt file: named with the value, no advice to change a flag."""
+    label_dir, pred_dir, _, preds = folders
+    bad = preds[CASES[0]].copy()
+    bad[0, 0, 0] = 5
+    path = _save(pred_dir / f"{CASES[0]}.nii.gz", bad)
+    with pytest.raises(ConventionError) as info:
+        score_folders(pred_dir, label_dir, "brats2023", progress=False, print_table=False)
+    message = str(info.value)
+    assert message.startswith(f"{path}: label value {{5}} belongs to no BraTS label convention")
+    assert "corrupt" in message and "--pred_convention" not in message and "--convention" not in message
+    assert info.value.bad_values == (5.0,) and info.value.source == str(path)
+    with pytest.raises(CorruptLabelError):
+        case_scores(bad, preds[CASES[0]], "brats2023")
+
+
+def test_unreadable_prediction_names_the_file(folders):
+    """An empty or truncated prediction is the user's file, not a bug: a ScoringError naming it (one line on the
+    command line)."""
+    label_dir, pred_dir, _, _ = folders
+    empty = pred_dir / f"{CASES[0]}.nii.gz"
+    empty.write_bytes(b"")
+    with pytest.raises(ScoringError, match=rf"{empty}: cannot read it as a NIfTI label map \(ImageFileError"):
+        score_folders(pred_dir, label_dir, "brats2023", progress=False, print_table=False)
+    truncated = pred_dir / f"{CASES[1]}.nii.gz"
+    truncated.write_bytes(truncated.read_bytes()[:120])
+    empty.unlink()
+    with pytest.raises(ScoringError, match=rf"{truncated}: cannot read it as a NIfTI label map"):
+        score_folders(pred_dir, label_dir, "brats2023", progress=False, print_table=False)

@@ -9,7 +9,9 @@ of a config's ``initialize`` list, fix this:
 
 * :func:`check_command_line` reads the command line (``sys.argv``, the same in every ``torchrun`` worker), loads the
   config files it names and raises :class:`CommandLineError` for an override the config does not hold (naming the
-  nearest keys) or a text value given to a boolean key.
+  nearest keys), a text value given to a boolean key, ``None`` for a key that has a value (MONAI drops a ``None``
+  override, so the run would silently keep the config's value), or an overlay listed before the bundle's own config
+  (MONAI would take the overlay's folder for the bundle's).
 * :func:`install_error_handler` sets ``sys.excepthook`` so that a user mistake (:data:`USER_ERRORS`, found through
   MONAI's "Failed to instantiate/evaluate" wrappers) prints ``error: <one line>`` and exits with status 1; every
   other exception keeps Python's traceback, and ``BRATS_DEBUG=1`` restores the traceback for all of them.
@@ -55,6 +57,7 @@ __all__ = [
     "RUN_PARAMETERS",
     "USER_ERRORS",
     "CommandLineError",
+    "UserError",
     "Override",
     "check_command_line",
     "fire_command",
@@ -73,6 +76,8 @@ _BOOLEAN_WORDS = {
     **dict.fromkeys(("true", "yes", "y", "on", "t", "1"), True),
     **dict.fromkeys(("false", "no", "n", "off", "f", "0"), False),
 }
+#: texts a user may mean as None (python-fire passes "none" and "null" on as strings, and None as None)
+_NONE_WORDS = ("none", "null")
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".ts")
 #: messages of the RuntimeErrors that MONAI raises ``from`` the real error
 _MONAI_WRAPPERS = ("Failed to instantiate component", "Failed to evaluate", "applying transform")
@@ -84,14 +89,38 @@ _SIZE_MISMATCH = re.compile(
 _KEY_LIST = re.compile(r"(?P<kind>Missing|Unexpected) key\(s\) in state_dict: (?P<keys>.*)")
 
 
-class CommandLineError(ValueError):
+class UserError(ValueError):
+    """Base of the errors a user's own mistake raises (a wrong flag, folder or file), reported as one ``error:`` line
+    by :func:`install_error_handler`; e.g. ``brats_pipeline.evaluation.scoring.ScoringError``."""
+
+
+class CommandLineError(UserError):
     """An override on the ``monai.bundle`` command line that would be ignored or misread."""
 
 
-#: exception types reported as one line by :func:`install_error_handler` (``CaseError`` and ``BadCasesError`` are
-#: ``DatasetError``\ s; a ``RuntimeError`` of ``load_state_dict`` is reported too)
-USER_ERRORS: tuple[type[BaseException], ...] = (CommandLineError, DatasetError, LabelConventionError, FileNotFoundError)
-_USER_ERROR_NAMES = frozenset(t.__name__ for t in (*USER_ERRORS, CaseError, BadCasesError))
+#: exception types reported as one line by :func:`install_error_handler`, with their subclasses (``CaseError`` and
+#: ``BadCasesError`` are ``DatasetError``\ s, the scorer's ``ScoringError`` a ``UserError``; a ``RuntimeError`` of
+#: ``load_state_dict`` is reported too)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    UserError,
+    CommandLineError,
+    DatasetError,
+    LabelConventionError,
+    FileNotFoundError,
+)
+
+
+def _user_error_names() -> frozenset[str]:
+    """Class names of :data:`USER_ERRORS` and of every subclass defined so far (an error re-raised from a DataLoader
+    worker survives only as traceback text, ``module.Name: message``)."""
+    names: set[str] = set()
+    pending: list[type] = [*USER_ERRORS, CaseError, BadCasesError]
+    while pending:
+        cls = pending.pop()
+        if cls.__name__ not in names:
+            names.add(cls.__name__)
+            pending.extend(cls.__subclasses__())
+    return frozenset(names)
 
 
 def _is_bundle_cli() -> bool:
@@ -283,6 +312,70 @@ def _check_override(override: Override, ids: Mapping[str, Any], extra: Sequence[
     return f"unknown override {override.flag}: " + "; ".join(p for p in (problem, hint) if p)
 
 
+def _none_problem(override: Override, ids: Mapping[str, Any]) -> str | None:
+    """The problem with ``None`` (or the text ``none``/``null``) for a config key whose value is not null, else None.
+
+    python-fire turns ``None`` into None and MONAI drops every None override, so ``--dataset_dir None`` silently runs
+    on the config's default folder. The text ``none``/``null`` arrives as that string: refused for a folder or file
+    key and for a key whose value is not a string (a string key may take ``"none"`` as a choice, e.g. an activation).
+    """
+    value, flag, text = override.value, override.flag, override.text
+    key = override.key.removeprefix(MERGE_KEY)
+    if key not in ids or ids[key] is None:
+        return None
+    current = ids[key]
+    last = key.rpartition(ID_SEP_KEY)[2]
+    is_folder, is_file = last.endswith(("dir", "root")), last.endswith(("file", "path"))
+    is_text = isinstance(value, str) and value.strip().lower() in _NONE_WORDS
+    if is_text and isinstance(current, str) and not (is_folder or is_file or "/" in current):
+        return None
+    if not (value is None or is_text):
+        return None
+    if is_folder:
+        give = f"give a folder: {flag} /path/to/folder"
+    elif is_file:
+        give = f"give a file: {flag} /path/to/file"
+    elif isinstance(current, bool):
+        give = f"write {flag} True or {flag} False"
+    else:
+        give = f"give a value: {flag} VALUE"
+    if isinstance(current, Mapping) and isinstance(current.get("_target_"), str):
+        shown = f"{current['_target_'].rsplit('.', 1)[-1]}(...)"
+    else:
+        shown = repr(current) if len(repr(current)) <= 80 else repr(current)[:77] + "..."
+    if is_text:
+        return f"{flag} {text} is the string {value!r}, not a null value; {give} (the config's value is {shown})"
+    return (
+        f"{flag} {text} is ignored: MONAI drops an override whose value is None and the run would use the config's "
+        f"value {shown}; {give}"
+    )
+
+
+def _is_bundle_config(path: str) -> bool:
+    """Whether ``path`` is a bundle's own config: a file in a ``configs/`` folder that holds ``metadata.json``."""
+    folder = Path(path).parent
+    return folder.name == "configs" and (folder / "metadata.json").is_file()
+
+
+def _config_order_problem(files: Sequence[str]) -> str | None:
+    """The problem with an overlay listed before the bundle's own config in ``--config_file``, else None.
+
+    MONAI takes the first config file's folder as the bundle's ``configs/`` folder: with ``configs/quickstart.json``
+    first, the run reads the wrong ``metadata.json`` and writes ``models/`` and ``eval/`` beside the overlay's folder.
+    """
+    if len(files) < 2 or not Path(files[0]).is_file() or _is_bundle_config(files[0]):
+        return None
+    bundle = [f for f in files if _is_bundle_config(f)]
+    if not bundle:
+        return None
+    order = "[" + ",".join(f"'{f}'" for f in [*bundle, *(f for f in files if f not in bundle)]) + "]"
+    return (
+        f"--config_file lists {files[0]} before the bundle's config {bundle[0]}: MONAI takes the first file's folder "
+        f"for the bundle's configs/ folder (metadata.json, models/, eval/); list the bundle's config first: "
+        f'--config_file "{order}"'
+    )
+
+
 def _tracking_keys(tracking: Any) -> list[str]:
     """Override keys a ``--tracking`` setting adds (e.g. ``experiment_name`` for ``mlflow``)."""
     if tracking is None:
@@ -306,7 +399,10 @@ def check_command_line(argv: Sequence[str] | None = None) -> None:
     (``epochs``, ``network_def#init_filters``, ``train::dataloader::batch_size``, list indices), a metadata id
     (``_meta_#...``), or a new argument of an existing component whose ``_target_`` takes it. A value for a key
     that is a JSON boolean (or a boolean argument) must be ``True``/``False`` (or an ``$``/``@`` expression); the
-    strings ``true``/``false`` are refused for every key.
+    strings ``true``/``false`` are refused for every key. ``None`` (and the text ``none``/``null``) is refused for a
+    key whose config value is not null: MONAI drops None overrides, so ``--dataset_dir None`` would run on the
+    config's default folder. When a later config file is a bundle's own config (a file in a ``configs/`` folder
+    holding ``metadata.json``), the first must be one too: MONAI takes the first file's folder for the bundle's.
 
     Args:
         argv: the arguments after the program, as ``sys.argv[1:]`` (``["run", "training", "--config_file", ...]``).
@@ -331,6 +427,9 @@ def check_command_line(argv: Sequence[str] | None = None) -> None:
     if not params.get("config_file"):
         return  # MONAI refuses a run without config
     files = _config_files(params["config_file"])
+    order_problem = _config_order_problem(files)
+    if order_problem:
+        raise CommandLineError(order_problem)
     with warnings.catch_warnings():  # MONAI warns again about "+key" merges when it reads the files itself
         warnings.simplefilter("ignore")
         try:
@@ -340,7 +439,7 @@ def check_command_line(argv: Sequence[str] | None = None) -> None:
     ids = dict(_flatten(config))
     extra = sorted(RUN_PARAMETERS | set(_tracking_keys(params.get("tracking"))))
     where = ", ".join(Path(f).name for f in files)
-    problems = [_check_override(o, ids, extra, where) for o in overrides]
+    problems = [_none_problem(o, ids) or _check_override(o, ids, extra, where) for o in overrides]
     problems += [_check_boolean(Override(f"--{k}", k, str(v), v), False) for k, v in params.items()]
     problems = [p for p in problems if p]
     if len(problems) == 1:
@@ -412,7 +511,7 @@ def _message(error: BaseException) -> str | None:
         # re-raised from a DataLoader worker: the original exception survives only as traceback text
         for line in text.splitlines():
             m = re.match(r"^(?:[\w.]+\.)?(?P<name>\w+): (?P<message>.+)$", line)
-            if m and m["name"] in _USER_ERROR_NAMES:
+            if m and m["name"] in _user_error_names():
                 return m["message"]
         return None
     if isinstance(error, FileNotFoundError):

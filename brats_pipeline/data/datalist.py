@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -427,23 +427,30 @@ def main(
 __all__ = ["MAX_DEPTH", "build_datalist", "find_cases", "fold_split", "main"]
 
 
-def fold_split(datalist: Mapping[str, Any], fold: int = 0, train_on_all: bool = False) -> dict[str, list[dict]]:
-    """The training and validation cases of one cross-validation fold of a datalist (:func:`build_datalist`).
+def fold_split(
+    datalist: Mapping[str, Any],
+    fold: int = 0,
+    train_on_all: bool = False,
+    validation: Sequence[Mapping[str, Any]] | None = None,
+) -> dict[str, list[dict]]:
+    """The training and validation cases of one run on a datalist (:func:`build_datalist`).
 
     ``{"training": the cases of every other fold, "validation": the cases of ``fold`` and the datalist's
-    ``validation`` list}``; with ``train_on_all``, every labelled case trains and none validates (Myronenko 2018
-    trains on all 285 cases and keeps the final model)::
+    ``validation`` list}``; with ``train_on_all``, every labelled case trains (Myronenko 2018 trains on all 285
+    cases and keeps the final model). ``validation`` (the cases of a separate labelled folder, ``val_dataset_dir``)
+    is added to the validation cases in both modes: the 3D-ESPNet code trains on all BraTS 2018 cases and validates
+    on BraTS 2017 less the overlap (its README's "Option 3")::
 
         "split": {"_target_": "brats_pipeline.data.datalist.fold_split", "datalist": "@datalist", "fold": "@fold",
-                  "train_on_all": "@train_on_all"},
+                  "train_on_all": "@train_on_all", "validation": "@val_folder_cases"},
         "train_files": "$@split['training']",
     """
-    cases, extra = list(datalist["training"]), list(datalist.get("validation", []))
+    cases, extra, separate = list(datalist["training"]), list(datalist.get("validation", [])), list(validation or [])
     if train_on_all:
-        return {"training": cases + extra, "validation": []}
+        return {"training": cases + extra, "validation": separate}
     return {
         "training": [c for c in cases if c["fold"] != fold],
-        "validation": [c for c in cases if c["fold"] == fold] + extra,
+        "validation": [c for c in cases if c["fold"] == fold] + extra + separate,
     }
 
 

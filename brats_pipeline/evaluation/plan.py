@@ -92,7 +92,7 @@ def evaluation_plan(
     Splits (config key ``eval_split``):
 
     - ``"fold"`` (the default, what ``evaluate.json`` has always scored): ``val_files``, i.e. the validation fold
-      ``fold`` plus the datalist's ``validation`` entries -- exactly the cases whose ``val_mean_dice`` chose
+      ``fold`` plus the datalist's ``validation`` entries -- exactly the cases whose validation key metric chose
       ``models/model.pt`` during training. Always warned about: it measures the selected model on its selection set.
     - ``"validation"``: the datalist's ``validation`` entries (cases kept out of the folds with
       ``python -m brats_pipeline.data.datalist --num_validation N``). ``train.json`` adds them to ``val_files``, so they
@@ -186,13 +186,14 @@ def evaluation_plan(
             "inferred: no models/cases.json; assumes models/model.pt was trained by train.json on this datalist "
             + ("on all labelled cases" if train_on_all else f"with fold {fold}")
         )
+    chosen_by = str((record or {}).get("model_selection", "best val_mean_dice")).removeprefix("best ")
     in_selection = sorted(scored & selected)
     in_training = sorted((scored & trained) - selected)
     warnings: list[str] = []
     if in_selection:
         warnings.append(
             f"{len(in_selection)} of the {len(scored)} scored cases are the cases used for model selection (the "
-            "validation of training chose models/model.pt by their val_mean_dice): the score is optimistic, not a "
+            f"validation of training chose models/model.pt by their {chosen_by}): the score is optimistic, not a "
             f"held-out estimate. {_HOW_TO_HOLD_OUT}"
         )
     if in_training:

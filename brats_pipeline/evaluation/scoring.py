@@ -22,7 +22,11 @@ lesion-wise metrics of :mod:`brats_pipeline.evaluation.lesions` that the 2023+ c
 * Missing predictions: the command line scores them as the challenge does, with the worst value of every metric
   (``--on_missing worst``), and warns with their count; ``empty`` scores an empty prediction, ``skip`` leaves
   them out, ``error`` stops. :func:`score_folders` keeps ``skip`` as its default: the bundles' ``evaluate.json``
-  scores one fold's predictions against the whole dataset folder.
+  scores one fold's predictions against the whole dataset folder. When no prediction matches any reference (two
+  folders that do not belong together) scoring stops with an error naming both folders and their file counts.
+* User mistakes (a missing folder, nothing to match, a wrong flag, label values outside the convention) end the
+  command with one ``error:`` line and exit status 1 (:class:`ScoringError` is a
+  :class:`~brats_pipeline.bundle.command_line.UserError`); ``BRATS_DEBUG=1`` shows the traceback.
 
 Matching, by case id:
 
@@ -55,6 +59,7 @@ import math
 import os
 import re
 import sys
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -65,7 +70,7 @@ from monai.config import NdarrayOrTensor
 from tqdm import tqdm
 
 from brats_pipeline.atomic_files import write_json_atomic, write_text_atomic
-from brats_pipeline.bundle.command_line import fire_command
+from brats_pipeline.bundle.command_line import UserError, fire_command
 from brats_pipeline.data.datalist import find_cases
 from brats_pipeline.data.layouts import MSD_CASE_PATTERN, MSD_LABEL_CONVENTION, layout_of_case, split_nifti_suffix
 from brats_pipeline.data.screening import DatasetError
@@ -90,6 +95,7 @@ from brats_pipeline.evaluation.metrics import (
 )
 from brats_pipeline.transforms.labels import (
     POST_TREATMENT_CONVENTIONS,
+    CorruptLabelError,
     LabelConvention,
     LabelConventionError,
     get_convention,
@@ -161,8 +167,10 @@ RULE_SETS: dict[str, RuleSet] = {
 DEFAULT_RULES = "brats2023"
 
 
-class ScoringError(ValueError):
-    """Prediction and reference files cannot be paired or compared."""
+class ScoringError(UserError):
+    """Prediction and reference files cannot be paired or compared (a missing folder, no prediction matching any
+    reference, a bad flag). A :class:`~brats_pipeline.bundle.command_line.UserError` (a ``ValueError``): the command
+    line reports it as one ``error:`` line with exit status 1 (``BRATS_DEBUG=1``: the traceback)."""
 
 
 class ConventionError(ScoringError, LabelConventionError):
@@ -259,8 +267,12 @@ def match_predictions(
 
 
 def _load_label(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
-    img = nib.load(str(path))
-    data = np.asanyarray(img.dataobj)
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as e:
+        # an empty, truncated or foreign file: the user's file, not a bug (gzip: EOFError, BadGzipFile, zlib.error)
+        raise ScoringError(f"{path}: cannot read it as a NIfTI label map ({type(e).__name__}: {e})") from e
     if data.ndim == 4 and data.shape[-1] == 1:  # (H, W, D, 1) as some writers store a single channel
         data = data[..., 0]
     if data.ndim != 3:
@@ -441,6 +453,8 @@ def score_case(
             ref_source=str(ref_path),
             **score_kwargs,
         )
+    except CorruptLabelError as e:  # no convention fixes it: no flag to advise
+        raise ConventionError(str(e), source=e.source, convention=e.convention, bad_values=e.bad_values) from None
     except LabelConventionError as e:
         is_ref = e.source == str(ref_path)
         flag = "--convention" if is_ref else "--pred_convention"
@@ -454,6 +468,25 @@ def score_case(
             convention=e.convention,
             bad_values=e.bad_values,
         ) from None
+
+
+def _some(names: Sequence[str], limit: int = 20) -> str:
+    """``names`` joined by commas, the first ``limit`` of them (``metrics_summary.json`` keeps every one)."""
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown}, ... ({len(names) - limit} more)"
+
+
+def _nothing_matches(pred_dir, label_dir, pred_files: Sequence[Path], case_ids: Sequence[str]) -> str:
+    """The message of a scoring run in which no prediction matches any reference: both folders, their file counts and
+    an example name of each (predictions are matched by case id)."""
+    preds = f"{len(pred_files)} NIfTI file{'' if len(pred_files) == 1 else 's'}"
+    if pred_files:
+        preds += f", e.g. {Path(pred_files[0]).name}"
+    refs = f"{len(case_ids)} reference label file{'' if len(case_ids) == 1 else 's'}, e.g. case {case_ids[0]}"
+    return (
+        f"no prediction in {pred_dir} ({preds}) matches a reference case in {label_dir} ({refs}); predictions are "
+        "matched by case id: are these the predictions of the cases in that label folder?"
+    )
 
 
 def _csv_text(columns: Sequence[str], rows: Sequence[Mapping]) -> str:
@@ -513,7 +546,13 @@ def score_folders(
         figure: write ``metrics_summary.png`` next to the tables.
         print_table: print the summary table to stdout at the end.
         case_ids: score only these reference cases (``evaluate.json``: its validation fold); every one must have a
-            reference in ``label_dir``.
+            reference in ``label_dir``. Without ``case_ids`` (the command line), a ``pred_dir`` none of whose files
+            matches a reference is an error, whatever ``on_missing`` says; with them, the listed cases are scored by
+            ``on_missing`` (``evaluate.json``: cases that failed in the run itself, which its failure report names).
+
+    Raises:
+        ScoringError: a folder is missing, no prediction matches a reference (see ``case_ids``), a flag is wrong;
+            :class:`ConventionError` for label values outside the convention.
 
     Returns:
         ``(rows, summary)``: long rows (``case_id``, ``region``, metrics) and the content of
@@ -555,6 +594,9 @@ def score_folders(
             f"challenge (--challenge) must be one of {', '.join(CHALLENGES)}; got {challenge!r}"
         ) from None
     matched, missing, unused = match_predictions(sorted(refs), pred_dir)
+    if not matched and (case_ids is None or on_missing == "skip"):
+        # two folders that do not belong together: an all-worst table would pass for a result
+        raise ScoringError(_nothing_matches(pred_dir, label_dir, unused, sorted(refs)))
     if missing:
         what = {"worst": f"scored as worst (Dice 0, HD95 {penalty:g} mm)", "empty": "scored as empty predictions"}
         logger.warning(
@@ -562,15 +604,13 @@ def score_folders(
             len(missing),
             len(refs),
             what.get(on_missing, on_missing),
-            ", ".join(missing),
+            _some(missing),
         )
         if on_missing == "error":
             raise ScoringError(f"no prediction in {pred_dir} for case(s): {', '.join(missing)}")
     if unused:
-        logger.warning("%d prediction file(s) match no reference: %s", len(unused), ", ".join(map(str, unused)))
+        logger.warning("%d prediction file(s) match no reference: %s", len(unused), _some(list(map(str, unused))))
     cases = sorted(matched) if on_missing == "skip" else sorted(refs)
-    if not cases:
-        raise ScoringError(f"no prediction in {pred_dir} matches a reference case in {label_dir}")
 
     score_kwargs = dict(
         rules=rule,
@@ -640,7 +680,7 @@ def format_table(summary: Mapping) -> str:
     if n_missing:
         lines.append(
             f"WARNING: {n_missing} case(s) without prediction ({summary['missing_predictions_scored_as']}): "
-            + ", ".join(summary["missing_predictions"])
+            + _some(summary["missing_predictions"])
         )
     return "\n".join(lines)
 

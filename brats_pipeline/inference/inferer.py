@@ -89,41 +89,59 @@ def _as_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return found
 
 
+def _scale_entry(entry: Any, test_scales: Any) -> tuple[tuple[int, ...] | int | None, str | None]:
+    """``(size, mode)`` of one ``test_scales`` entry (``mode`` ``None``: the inferer's ``scale_mode``)."""
+    if isinstance(entry, Mapping):
+        unknown = set(entry) - {"size", "mode"}
+        if unknown or "size" not in entry:
+            raise ValueError(f"test_scales: a scale given as a mapping has 'size' and optionally 'mode', got {entry!r}")
+        size, _ = _scale_entry(entry["size"], test_scales)
+        return size, None if entry.get("mode") is None else look_up_option(entry["mode"], SCALE_MODES)
+    if entry is None or (isinstance(entry, str) and entry.strip().lower() in NATIVE_SCALE_NAMES):
+        return None, None
+    if isinstance(entry, int) and not isinstance(entry, bool):
+        if entry < 1:
+            raise ValueError(f"test_scales: a size must be >= 1, got {entry}")
+        return int(entry), None
+    if isinstance(entry, Sequence) and not isinstance(entry, str) and entry:
+        sizes = tuple(entry)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sizes):
+            raise ValueError(f"test_scales: a size must be a list of ints >= 1, got {list(entry)}")
+        return sizes, None
+    raise ValueError(
+        f"test_scales entries are null/'native', an int, a list of ints or {{'size': ..., 'mode': ...}}, got {entry!r} "
+        f"in {test_scales!r}"
+    )
+
+
+def _scale_entries(test_scales: Sequence[Any] | int | str | None) -> list[tuple[tuple[int, ...] | int | None, str | None]]:
+    if test_scales is None:
+        return [(None, None)]
+    if isinstance(test_scales, (int, str, Mapping)) and not isinstance(test_scales, bool):
+        test_scales = [test_scales]
+    return [_scale_entry(entry, test_scales) for entry in test_scales] or [(None, None)]
+
+
 def normalize_test_scales(
     test_scales: Sequence[Any] | int | str | None,
 ) -> list[tuple[int, ...] | int | None]:
-    """``test_scales`` as a list of ``None`` (native: the input as it is), an ``int`` (a cube of that side, any
-    number of spatial dims) or a tuple of sizes (one per spatial dim).
+    """The sizes of ``test_scales``: a list of ``None`` (native: the input as it is), an ``int`` (a cube of that
+    side, any number of spatial dims) or a tuple of sizes (one per spatial dim).
 
     Accepts ``None`` or ``[]`` (native only: ``[None]``), a single int, and lists whose entries are ``None``,
     ``"native"`` (also ``"none"``, ``"original"``; handy on the command line, where python-fire drops ``None``), an
-    int, or a list of ints. Repeated entries are kept: each one is a term of the average.
+    int, a list of ints, or ``{"size": <one of those>, "mode": "area"}``: a size with its own resize mode
+    (:func:`resize_modes`). Repeated entries are kept: each one is a term of the average.
 
     Raises:
         ValueError: for sizes < 1 or entries of another kind.
     """
-    if test_scales is None:
-        return [None]
-    if isinstance(test_scales, (int, str)) and not isinstance(test_scales, bool):
-        test_scales = [test_scales]
-    out: list[tuple[int, ...] | int | None] = []
-    for entry in test_scales:
-        if entry is None or (isinstance(entry, str) and entry.strip().lower() in NATIVE_SCALE_NAMES):
-            out.append(None)
-        elif isinstance(entry, int) and not isinstance(entry, bool):
-            if entry < 1:
-                raise ValueError(f"test_scales: a size must be >= 1, got {entry}")
-            out.append(int(entry))
-        elif isinstance(entry, Sequence) and not isinstance(entry, str) and entry:
-            sizes = tuple(entry)
-            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sizes):
-                raise ValueError(f"test_scales: a size must be a list of ints >= 1, got {list(entry)}")
-            out.append(sizes)
-        else:
-            raise ValueError(
-                f"test_scales entries are null/'native', an int or a list of ints, got {entry!r} in {test_scales!r}"
-            )
-    return out or [None]
+    return [size for size, _ in _scale_entries(test_scales)]
+
+
+def resize_modes(test_scales: Sequence[Any] | int | str | None, default: str = "trilinear") -> list[str]:
+    """The resize mode of each entry of ``test_scales`` (``{"size": 144, "mode": "area"}``), else ``default``."""
+    return [mode or look_up_option(default, SCALE_MODES) for _, mode in _scale_entries(test_scales)]
 
 
 def resize_spatial(
@@ -192,11 +210,12 @@ class BratsInferer(Inferer):
         compile_kwargs: passed to ``torch.compile`` (e.g. ``{"dynamic": true}`` for cases of varying size).
         test_scales: multi-scale test-time averaging, for any network. ``None`` (default) or ``[null]``: the
             input as it is. Otherwise a list whose entries are ``null``/``"native"`` (the input as it is), an int
-            (a cube, e.g. ``144``) or a list of sizes per spatial axis (``[144, 144, 144]``): the (padded, flipped)
-            input is resized to each size (``scale_mode``), run through the network (whole volume or sliding
-            window, as ``mode`` says), its logits are resized back to the input's size (trilinear) and the logits
+            (a cube, e.g. ``144``), a list of sizes per spatial axis (``[144, 144, 144]``), or
+            ``{"size": 144, "mode": "area"}`` (a size with its own resize mode): the (padded, flipped) input is
+            resized to each size (the entry's mode, else ``scale_mode``), run through the network (whole volume
+            or sliding window, as ``mode`` says), its logits are resized back to the input's size (trilinear) and the logits
             of all scales are averaged before the activation. The 3D-ESPNet reference's test script uses
-            ``[null, 144]``. Each scale is one more forward pass per member and flip.
+            ``[null, {"size": 144, "mode": "area"}]`` (``VisualizeResults.py``). Each scale is one more forward pass per member and flip.
         scale_mode: how the input is resized to a test scale: ``"trilinear"`` (default), ``"area"`` (adaptive
             average pooling, what the reference code's ``inp_res`` does) or ``"nearest"``.
         scale_align_corners: ``align_corners`` of the trilinear resizing, both ways (default ``True``, as the
@@ -240,6 +259,7 @@ class BratsInferer(Inferer):
         activation = look_up_option(activation, ACTIVATIONS)
         scale_mode = look_up_option(scale_mode, SCALE_MODES)
         self.test_scales = normalize_test_scales(test_scales)
+        self.scale_modes = resize_modes(test_scales, scale_mode)
         self.scale_mode = scale_mode
         self.scale_align_corners = bool(scale_align_corners)
         mode = look_up_option(mode, MODES)
@@ -360,8 +380,8 @@ class BratsInferer(Inferer):
         """Logits of ``forward`` on ``x``, averaged over :attr:`test_scales` (float32 unless the only scale is native)."""
         sizes = self.scale_sizes(x.shape[2:])
         total: torch.Tensor | None = None
-        for size in sizes:
-            xin = x if size is None else resize_spatial(x, size, self.scale_mode, self.scale_align_corners)
+        for size, scale_mode in zip(sizes, self.scale_modes, strict=True):
+            xin = x if size is None else resize_spatial(x, size, scale_mode, self.scale_align_corners)
             with self._autocast(x.device):
                 logits = self.inferer(xin, forward, *args, **kwargs)
             if isinstance(logits, MetaTensor):
@@ -467,6 +487,7 @@ __all__ = [
     "segmentation_output",
     "load_state_dict_file",
     "normalize_test_scales",
+    "resize_modes",
     "resize_spatial",
     "ACTIVATIONS",
     "MODES",

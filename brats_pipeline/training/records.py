@@ -54,7 +54,7 @@ class CaseRecord(StartRecord):
 
     Writes ``ckpt_dir/cases.json`` (rank 0, atomically)::
 
-        {"trained_on": [case ids], "selected_on": [case ids], "model_selection": "best val_mean_dice" | "final",
+        {"trained_on": [case ids], "selected_on": [case ids], "model_selection": "best <key metric>" | "final",
          "dataset_dir": ..., "fold": ..., "num_folds": ...}
 
     :func:`evaluation_plan` reads it to tell exactly which scored cases a model has seen. Only a training run writes
@@ -68,6 +68,8 @@ class CaseRecord(StartRecord):
             (the last epoch's weights; the validation cases then choose nothing, but are still recorded as seen by
             the validation when there are any).
         extra: more entries for the file (``dataset_dir``, ``fold``, ``num_folds``, ``seed`` ...).
+        key_metric: the validation key metric that chooses ``model.pt`` (``val_mean_dice``, or ``val_mean_iou`` in
+            the 3D-ESPNet protocol overlays).
     """
 
     def __init__(
@@ -77,11 +79,12 @@ class CaseRecord(StartRecord):
         val_files: Sequence[Mapping[str, Any]] = (),
         model_selection: str = "best",
         extra: Mapping[str, Any] | None = None,
+        key_metric: str = "val_mean_dice",
     ) -> None:
         model_selection = look_up_option(model_selection, ("best", "final"))
         self.path = Path(ckpt_dir) / CASE_RECORD_NAME
         self.record = {
-            "model_selection": "best val_mean_dice" if model_selection == "best" else "final",
+            "model_selection": f"best {key_metric}" if model_selection == "best" else "final",
             "trained_on": case_ids(train_files),
             "selected_on": case_ids(val_files) if model_selection == "best" else [],
             "validated_on": case_ids(val_files),

@@ -145,6 +145,8 @@ class TrainingRun:
                 raise TypeError(f"'{name}' must be true or false, got {value!r} ({type(value).__name__}).")
         self.trainer = trainer
         self.evaluator = evaluator
+        #: the validation metric that chooses model.pt (the evaluator's key metric)
+        self.key_metric = getattr(evaluator.state, "key_metric_name", None) or "val_mean_dice"
         self.network = network
         self.ckpt_dir = str(ckpt_dir)
         self.log_dir = str(log_dir)
@@ -159,7 +161,7 @@ class TrainingRun:
         weights = network if best_weights is None else best_weights
         self.final_model = FinalModelSaver(self.ckpt_dir, weights, enabled=keep_model == "final")
         self.case_record = (
-            CaseRecord(self.ckpt_dir, list(train_items), list(val_items), keep_model, extra=record_extra)
+            CaseRecord(self.ckpt_dir, list(train_items), list(val_items), keep_model, record_extra, self.key_metric)
             if train_items is not None
             else None
         )

@@ -22,7 +22,9 @@ with ``include_rc=True``: then regions are ``REGIONS_RC = ("TC", "WT", "ET", "RC
 ``4`` the resection cavity (:data:`CLASSES_RC`). For the three pre-treatment conventions nothing changes.
 
 Unlike MONAI's ``ConvertToMultiChannelBasedOnBratsClassesd`` (which silently drops label 3 of BraTS 2023),
-every value outside the chosen convention raises :class:`LabelConventionError` naming the file.
+every value outside the chosen convention raises :class:`LabelConventionError` naming the file. A value that no
+known convention has (e.g. 5, 255 or 0.5: :data:`KNOWN_LABEL_VALUES`) raises :class:`CorruptLabelError`: no choice of
+convention fixes such a file, so its message says the file is corrupt instead of advising ``--label_convention``.
 """
 
 from __future__ import annotations
@@ -64,6 +66,11 @@ class LabelConventionError(ValueError):
         self.bad_values = bad_values
 
 
+class CorruptLabelError(LabelConventionError):
+    """A label map holds values that no known convention has (:data:`KNOWN_LABEL_VALUES`): the file is corrupt or is
+    not a BraTS label map, whatever convention it is read in."""
+
+
 @dataclass(frozen=True)
 class LabelConvention:
     """Dataset label values of the three tumor sub-compartments (0 is always background)."""
@@ -100,6 +107,12 @@ CONVENTIONS: dict[str, LabelConvention] = {
 POST_TREATMENT_CONVENTIONS: dict[str, LabelConvention] = {
     "brats2024": LabelConvention("brats2024", necrosis=1, edema=2, enhancing=3, resection_cavity=4),
 }
+
+
+#: every label value of a known convention (pre- and post-treatment): a value outside it is a corrupt label
+KNOWN_LABEL_VALUES: frozenset[int] = frozenset(
+    v for conv in (*CONVENTIONS.values(), *POST_TREATMENT_CONVENTIONS.values()) for v in conv.values
+)
 
 
 def get_convention(name: str | LabelConvention) -> LabelConvention:
@@ -151,22 +164,48 @@ def distinct_values(label: NdarrayOrTensor) -> np.ndarray:
     return torch.unique(tensor).cpu().numpy()
 
 
+def _known_conventions() -> dict[str, LabelConvention]:
+    return {**CONVENTIONS, **POST_TREATMENT_CONVENTIONS}
+
+
 def check_label_values(label: NdarrayOrTensor, convention: str | LabelConvention, source: str | None = None) -> None:
-    """Raise :class:`LabelConventionError` if ``label`` holds a value that ``convention`` does not define."""
+    """Raise :class:`LabelConventionError` if ``label`` holds a value that ``convention`` does not define.
+
+    A value that another known convention has gets the advice to choose the dataset's convention (naming those
+    that fit every value found); a value that no known convention has (:data:`KNOWN_LABEL_VALUES`) raises
+    :class:`CorruptLabelError`, naming the file and the value, without that advice.
+    """
     conv = get_convention(convention)
     found = sorted({float(v) for v in distinct_values(label)})
     bad = [v for v in found if v not in conv.values]
-    if bad:
-        shown = ", ".join(f"{v:g}" for v in bad)
-        raise LabelConventionError(
-            f"{_source_name(label, source)}: label values {{{shown}}} are not part of the {conv.name!r} convention "
-            f"(allowed: {list(conv.values)}; found: {[f'{v:g}' for v in found]}). "
-            "Choose the dataset's convention: --label_convention on the bundle command line (the config key), "
-            "--convention for python -m brats_pipeline.evaluation.scoring.",
-            source=_source_name(label, source),
+    if not bad:
+        return
+    name = _source_name(label, source)
+    corrupt = [v for v in bad if v not in KNOWN_LABEL_VALUES]
+    if corrupt:
+        shown = ", ".join(f"{v:g}" for v in corrupt)
+        values = "value" if len(corrupt) == 1 else "values"
+        known = ", ".join(str(v) for v in sorted(KNOWN_LABEL_VALUES))
+        raise CorruptLabelError(
+            f"{name}: label {values} {{{shown}}} {'belongs' if len(corrupt) == 1 else 'belong'} to no BraTS label "
+            f"convention (theirs are {known}): the file is corrupt or not a label map, and no choice of label "
+            "convention fixes it; repair or replace it",
+            source=name,
             convention=conv.name,
-            bad_values=tuple(bad),
+            bad_values=tuple(corrupt),
         )
+    shown = ", ".join(f"{v:g}" for v in bad)
+    fitting = [n for n, c in _known_conventions().items() if n != conv.name and all(v in c.values for v in found)]
+    fits = f" (these values fit {', '.join(fitting)})" if fitting else ""
+    raise LabelConventionError(
+        f"{name}: label values {{{shown}}} are not part of the {conv.name!r} convention "
+        f"(allowed: {list(conv.values)}; found: {[f'{v:g}' for v in found]}). "
+        f"Choose the dataset's convention{fits}: --label_convention on the bundle command line (the config key), "
+        "--convention for python -m brats_pipeline.evaluation.scoring.",
+        source=name,
+        convention=conv.name,
+        bad_values=tuple(bad),
+    )
 
 
 def label_to_regions(
@@ -405,6 +444,8 @@ __all__: Sequence[str] = (
     "region_names",
     "LabelConvention",
     "LabelConventionError",
+    "CorruptLabelError",
+    "KNOWN_LABEL_VALUES",
     "get_convention",
     "check_label_values",
     "distinct_values",
