@@ -10,7 +10,7 @@
 
 Command line (examples with their output in ``docs/tools.md``)::
 
-    python -m brats_pipeline.evaluation.figures curves LOG_DIR OUT.png [--smoothing 0.6]
+    python -m brats_pipeline.evaluation.figures curves LOG_DIR OUT.png [--smoothing 0.0]
     python -m brats_pipeline.evaluation.figures overlay IMAGE PRED OUT.png [--ref REF] [--convention brats2023]
 
 ``IMAGE`` is the T1c NIfTI, a BraTS case folder (its T1c file is found by name) or a 4-D NIfTI (``--channel``,
