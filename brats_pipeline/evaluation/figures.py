@@ -11,7 +11,7 @@
 Command line (examples with their output in ``docs/tools.md``)::
 
     python -m brats_pipeline.evaluation.figures curves LOG_DIR OUT.png [--smoothing 0.0]
-    python -m brats_pipeline.evaluation.figures overlay IMAGE PRED OUT.png [--ref REF] [--convention brats2023]
+    python -m brats_pipeline.evaluation.figures overlay IMAGE PRED OUT.png [--ref REF] [--convention brats2018]
 
 ``IMAGE`` is the T1c NIfTI, a BraTS case folder (its T1c file is found by name) or a 4-D NIfTI (``--channel``,
 default the T1c channel of MSD's order). Drawing uses matplotlib's Agg canvas directly: importing this module does
