@@ -182,7 +182,7 @@ def test_input_validation():
         region_metrics(np.zeros((3, 4, 4, 4)), np.zeros((3, 4, 4, 5)))
     with pytest.raises(ValueError, match="TC"):
         region_metrics(np.zeros((2, 4, 4, 4)), np.zeros((2, 4, 4, 4)))
-    with pytest.raises(ValueError, match="mode"):
+    with pytest.raises(ValueError, match="'mean'(.|\n)*(surface|pooled|max)"):
         hd95(_cube(2, 4), _cube(2, 5), mode="mean")
 
 

@@ -439,9 +439,9 @@ def test_packaged_bundle_keeps_the_trained_width(trained, tmp_path):
     assert not any("checkpoint_epoch" in n or "/cache/" in n or "/eval/" in n for n in names), sorted(names)
     assert settings["network_width"] == 8
     assert configs["train"]["network_width"] == 8 and configs["train"]["roi_size"] == ROI[bundle]
-    assert configs["inference"]["network_width"]["default"] == 8
-    assert configs["inference"]["sw_roi_size"]["default"] == ROI[bundle]
-    assert configs["evaluate"]["network_width"]["default"] == 8
+    assert configs["inference"]["trained"]["defaults"]["network_width"] == 8
+    assert configs["inference"]["trained"]["defaults"]["roi_size"] == ROI[bundle]
+    assert configs["evaluate"]["trained"]["defaults"]["network_width"] == 8
 
     project = tmp_path / "project"
     project.mkdir()

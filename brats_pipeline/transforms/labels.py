@@ -339,36 +339,38 @@ class LabelToClassesd(_LabelTod):
     convert = staticmethod(label_to_classes)
 
 
-class RegionsToLabel(Transform):
+class _ToLabel(Transform):
+    """Array transform for outputs: the network's regions or classes -> dataset labels ``(1, *spatial)``, uint8,
+    metadata kept."""
+
+    convert: Callable[[NdarrayOrTensor, LabelConvention], torch.Tensor]  # regions_to_label or classes_to_label
+
+    def __init__(self, convention: str = "brats2018"):
+        self.convention = get_convention(convention)
+
+    def __call__(self, img: NdarrayOrTensor) -> torch.Tensor:
+        out = self.convert(img, self.convention)
+        if isinstance(img, MetaTensor):
+            out = MetaTensor(out, meta=img.meta, applied_operations=img.applied_operations)
+        return out
+
+
+class RegionsToLabel(_ToLabel):
     """Array transform for outputs: regions ``(3, *spatial)`` -> dataset labels ``(1, *spatial)``, uint8.
 
     Four channels (TC, WT, ET, RC) write the resection cavity too (conventions that have one).
     """
 
-    def __init__(self, convention: str = "brats2018"):
-        self.convention = get_convention(convention)
-
-    def __call__(self, img: NdarrayOrTensor) -> torch.Tensor:
-        out = regions_to_label(img, self.convention)
-        if isinstance(img, MetaTensor):
-            out = MetaTensor(out, meta=img.meta, applied_operations=img.applied_operations)
-        return out
+    convert = staticmethod(regions_to_label)
 
 
-class ClassesToLabel(Transform):
+class ClassesToLabel(_ToLabel):
     """Array transform for outputs: class indices ``(1, *spatial)`` -> dataset labels ``(1, *spatial)``, uint8.
 
     Class 4 is the resection cavity in conventions that have one (``brats2024``).
     """
 
-    def __init__(self, convention: str = "brats2018"):
-        self.convention = get_convention(convention)
-
-    def __call__(self, img: NdarrayOrTensor) -> torch.Tensor:
-        out = classes_to_label(img, self.convention)
-        if isinstance(img, MetaTensor):
-            out = MetaTensor(out, meta=img.meta, applied_operations=img.applied_operations)
-        return out
+    convert = staticmethod(classes_to_label)
 
 
 class _ToLabeld(MapTransform):
