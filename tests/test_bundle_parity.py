@@ -205,3 +205,21 @@ def test_bundle_versions_move_with_the_package():
         meta = json.loads((REPO / "bundles" / bundle / "configs" / "metadata.json").read_text())
         assert meta["version"] == brats_pipeline.__version__, bundle
         assert all("\n" not in line and len(line) <= 200 for line in meta["changelog"].values()), bundle
+
+
+def _count_items(node: Any) -> int:
+    """Config items: keys at every depth (list entries are not keys; dicts inside lists are walked)."""
+    if isinstance(node, dict):
+        return sum(1 + _count_items(v) for v in node.values())
+    if isinstance(node, list):
+        return sum(_count_items(v) for v in node)
+    return 0
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_config_sizes_stay_near_the_model_zoos(bundle):
+    """The plumbing stays behind named components: inference.json at most 150 items and evaluate.json at most 80
+    (the Model Zoo's brats_mri_segmentation: 97 and 49; before 0.4.0: 227-232 and 114)."""
+    configs = REPO / "bundles" / bundle / "configs"
+    assert _count_items(json.loads((configs / "inference.json").read_text())) <= 150
+    assert _count_items(json.loads((configs / "evaluate.json").read_text())) <= 80
