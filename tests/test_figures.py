@@ -302,3 +302,40 @@ def test_command_line(tmp_path):
     assert bad.returncode == 1 and bad.stderr.splitlines() == [
         f"error: no TensorBoard event files (events.out.tfevents.*) in {tmp_path / 'nolog'}"
     ]
+
+
+def _score_rows(with_f1: bool) -> list[dict]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for case in range(4):
+        for region in ("ET", "TC", "WT"):
+            row = {"case_id": f"c{case}", "region": region, "dice": rng.uniform(), "hd95": rng.uniform(0, 20)}
+            row |= {"lesion_dice": rng.uniform(), "lesion_hd95": 373.0 if case == 3 else rng.uniform(0, 20)}
+            rows.append(row | ({"lesion_f1": rng.uniform()} if with_f1 else {}))
+    return rows
+
+
+@pytest.mark.parametrize("rules", ["brats2023", "brats2025"])
+def test_scoring_summary_figure_names_its_rules(tmp_path, monkeypatch, rules):
+    """The title names the rule set and the sub-challenge (which leaderboard the numbers belong to); brats2025 adds
+    the detection F1 panel and calls the whole-region values global."""
+    drawn: dict[str, Figure] = {}
+    save = figures._save_png
+
+    def keep(fig: Figure, out_path, dpi: int) -> Path:
+        drawn["fig"] = fig
+        return save(fig, out_path, dpi)
+
+    monkeypatch.setattr(figures, "_save_png", keep)
+    challenge = "GLI (package config gli)" if rules == "brats2025" else "GLI"
+    out = figures.scoring_summary_figure(
+        _score_rows(rules == "brats2025"), tmp_path / "s.png", hd95_penalty_mm=373.0, title="4 cases", rules=rules,
+        challenge=challenge,
+    )  # fmt: skip
+    fig = drawn["fig"]
+    assert fig._suptitle.get_text() == f"4 cases, rules {rules}, challenge {challenge}"
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["Dice", "HD95 (mm)"] + (["lesion detection F1"] if rules == "brats2025" else [])
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["global" if rules == "brats2025" else "legacy", "lesion-wise"]
+    assert mpimg.imread(out).shape[1] >= 800

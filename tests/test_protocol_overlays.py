@@ -6,9 +6,8 @@ Myronenko's final model trained on all cases (``FinalModelSaver``), the record o
 (``CaseRecord``) and the honest evaluation statement (``evaluation_plan``).
 
 The overlays run at tiny size through MONAI's ``ConfigWorkflow`` on the 32^3 synthetic dataset of ``conftest.py``
-(4 labelled cases): width 8, no workers, cached data, outputs in ``tmp_path``. ``EVALUATE_KEYS`` are the keys
-proposed for the bundles' ``evaluate.json`` (and ``TEST_SCALE_KEYS`` for ``inference.json``), merged here as
-overrides until they are in the bundles.
+(4 labelled cases): width 8, no workers, cached data, outputs in ``tmp_path``; the evaluations run the shipped
+``evaluate.json``.
 """
 
 from __future__ import annotations
@@ -38,27 +37,6 @@ ESP_CODE_TEST = REPO / "configs" / "espnet_code_test.json"
 WIDTH = 8
 
 #: keys proposed for both bundles' evaluate.json (see the report of issue 15 / docs/experiments.md)
-EVALUATE_KEYS = {
-    "eval_split": "fold",
-    "eval_plan": {
-        "_target_": "brats_pipeline.evaluation.plan.evaluation_plan",
-        "datalist": "@datalist",
-        "fold": "@fold",
-        "split": "@eval_split",
-        "val_files": "@val_files",
-        "case_record": "@ckpt_dir",
-    },
-    "eval_cases#entries": "$@eval_plan.cases + @datalist.get('bad_cases', [])",
-    "score_predictions#case_ids": "$[c['case_id'] for c in @eval_plan.cases]",
-    "validate#inferer#test_scales": "@test_scales",
-    "run": [
-        "$@eval_plan.report(@output_dir)",
-        "$@validate#evaluator.run()",
-        "$@score_predictions()",
-    ],
-}
-
-
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     threads = torch.get_num_threads()
@@ -185,10 +163,7 @@ def test_final_model_saver_writes_the_last_weights_on_completion_only(tmp_path):
 
 
 def test_case_record(tmp_path):
-    record = CaseRecord(tmp_path, [{"case_id": "b"}, {"case_id": "a"}], [{"case_id": "c"}], extra={"fold": 1})
-    engine = Engine(lambda e, b: None)
-    record.attach(engine)
-    engine.run([0], max_epochs=1)
+    CaseRecord(tmp_path, [{"case_id": "b"}, {"case_id": "a"}], [{"case_id": "c"}], extra={"fold": 1})()
     content = read_case_record(tmp_path)
     assert content == {
         "model_selection": "best val_mean_dice",
@@ -371,15 +346,15 @@ def test_espnet_code_protocol_epoch_is_three_resized_passes(synthetic_dataset, t
         train_on_all=False,
         keep_model="best",
         test_scales=["native", 24],
-        **EVALUATE_KEYS,
     )
     ev.initialize()
     inferer = ev.parser.get_parsed_content("validate#inferer")
     assert isinstance(inferer, BratsInferer) and inferer.test_scales == [None, 24]
     ev.run()
-    written = json.loads((tmp_path / "eval" / "evaluated_cases.json").read_text())
+    eval_dir = tmp_path / "eval" / f"{synthetic_dataset.name}-fold0"  # evaluate.json's eval_dir
+    written = json.loads((eval_dir / "evaluated_cases.json").read_text())
     assert written["held_out"] is False and "used for model selection" in written["warnings"][0]
-    assert len(list((tmp_path / "eval" / "evaluation_predictions").glob("*.nii.gz"))) == 2
+    assert len(list((eval_dir / "predictions").glob("*.nii.gz"))) == 2
 
 
 @pytest.mark.slow
@@ -404,14 +379,15 @@ def test_evaluate_a_held_out_folder(synthetic_dataset, tmp_path):
         network_width=WIDTH,
         num_folds=2,
         test_scales=None,
-        **{**EVALUATE_KEYS, "eval_split": "all"},
+        eval_split="all",
     )
     ev.initialize()
     ev.run()
-    written = json.loads((tmp_path / "eval" / "evaluated_cases.json").read_text())
+    eval_dir = tmp_path / "eval" / "holdout-all"  # evaluate.json's eval_dir: <dataset folder>-<eval_split>
+    written = json.loads((eval_dir / "evaluated_cases.json").read_text())
     assert written["held_out"] is True and written["warnings"] == []
     assert written["cases"] == ["BraTS-GLI-00501-000", "BraTS-GLI-00502-000"]
-    assert json.loads((tmp_path / "eval" / "metrics_summary.json").read_text())["n_cases"] == 2
+    assert json.loads((eval_dir / "brats2023" / "metrics_summary.json").read_text())["n_cases"] == 2
 
 
 # ------------------------------------------------------------------------------------------------- 3D-ESPNet's two sources

@@ -85,7 +85,15 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 def test_cli_writes_per_case_and_summary(folders, tmp_path):
     label_dir, pred_dir, refs, preds = folders
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "brats_pipeline.evaluation.scoring", "--pred_dir", str(pred_dir), "--label_dir", str(label_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "brats_pipeline.evaluation.scoring",
+        "--pred_dir",
+        str(pred_dir),
+        "--label_dir",
+        str(label_dir),
+    ]
     cmd += ["--convention", "brats2023", "--output_dir", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -93,8 +101,10 @@ def test_cli_writes_per_case_and_summary(folders, tmp_path):
     assert "1 of 3 reference case(s) have NO PREDICTION, scored as worst" in log and CASES[2] in log
     assert "WARNING: 1 case(s) without prediction (worst)" in proc.stdout  # loud, in the table too
     assert "BraTS-GLI-00099-000" in log  # the stray prediction is reported
-    header = proc.stdout.splitlines()[0].split()
-    assert header == ["region", "n", "Dice", "HD95", "LesionDice", "LesionHD95", "NSD"]
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "rules: brats2023 (references hold no RC label; --rules to override)"  # the default, said
+    assert lines[1].startswith("rules brats2023, challenge GLI (lesions: dilation 3, volume threshold 50 mm^3)")
+    assert lines[2].split() == ["region", "n", "Dice", "HD95", "LesionDice", "LesionHD95", "NSD"]
     assert proc.stdout.count("\nET ") == 1  # printed once (by score_folders), not twice
 
     rows = _read_csv(out / "metrics_per_case.csv")
@@ -127,8 +137,10 @@ def test_cli_writes_per_case_and_summary(folders, tmp_path):
         assert summary["metrics"][region]["dice"]["mean"] == pytest.approx(np.mean(hand))
         assert summary["metrics"][region]["dice"]["std"] == pytest.approx(np.std(hand, ddof=1))
         assert summary["metrics"][region]["dice"]["median"] == pytest.approx(np.median(hand))
+    assert summary["leaderboard"].startswith("rules brats2023, challenge GLI")
     stats = _read_csv(out / "metrics_summary.csv")
     assert {(r["region"], r["metric"]) for r in stats} >= {("ET", "dice"), ("WT", "lesion_hd95"), ("TC", "nsd")}
+    assert {(r["rules"], r["challenge"]) for r in stats} == {("brats2023", "GLI")}  # which leaderboard
     wt_dice = next(r for r in stats if (r["region"], r["metric"]) == ("WT", "dice"))
     assert float(wt_dice["mean"]) == pytest.approx(summary["metrics"]["WT"]["dice"]["mean"])
 
@@ -150,12 +162,15 @@ def test_api_missing_prediction_rules(folders, capsys):
         assert missing[region]["lesion_fn"] == 1 and missing[region]["lesion_hd95"] == HD95_EMPTY_MM
     # the 8-voxel ET (16 mm^3) is under the 50 mm^3 threshold: left out, so an empty prediction loses nothing there
     assert (missing["ET"]["lesion_fn"], missing["ET"]["lesion_dice"]) == (0, 1.0)
+    capsys.readouterr()
     # the API default skips (evaluate.json scores one fold against the whole dataset folder), and says so
     rows, summary = score_folders(pred_dir, label_dir, "brats2023", progress=False, figure=False)
     assert summary["n_cases"] == 2 and summary["n_missing_predictions"] == 1
     assert {r["case_id"] for r in rows} == set(CASES[:2])
-    printed = capsys.readouterr().out
-    assert printed.splitlines()[0].startswith("region") and "WARNING: 1 case(s) without prediction (skip)" in printed
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "rules: brats2023 (references hold no RC label; --rules to override)"
+    assert printed[1].startswith("rules brats2023, challenge GLI") and printed[2].startswith("region")
+    assert printed[-1].startswith("WARNING: 1 case(s) without prediction (skip)")
     with pytest.raises(ScoringError, match=CASES[2]):
         score_folders(pred_dir, label_dir, "brats2023", on_missing="error", progress=False)
     with pytest.raises(ScoringError, match="--on_missing"):
@@ -258,7 +273,9 @@ def test_brats2024_post_treatment_detected_and_scored_with_rc(tmp_path):
         _save(label_dir / case / f"{case}-seg.nii.gz", _post_treatment() if i else _tumor())
         _save(pred_dir / f"{case}.nii.gz", _post_treatment(shift=1) if i else _tumor())
     assert detect_convention(label_dir) == "brats2024"  # the 2023 layout, but a label holds the cavity value 4
-    rows, summary = score_folders(pred_dir, label_dir, progress=False, label_scores=True, figure=False)
+    rows, summary = score_folders(
+        pred_dir, label_dir, progress=False, label_scores=True, figure=False, rules="brats2023"
+    )
     assert summary["convention"] == "brats2024"
     assert [r["region"] for r in rows[:6]] == ["ET", "TC", "WT", "RC", "NETC", "SNFH"]
     by_key = {(r["case_id"], r["region"]): r for r in rows}
@@ -276,6 +293,15 @@ def test_brats2024_post_treatment_detected_and_scored_with_rc(tmp_path):
 def test_detect_challenge_and_presets(tmp_path):
     assert detect_challenge(["BraTS-MET-00001-000", "BraTS-MET-00002-000"]) == "MET"
     assert detect_challenge(["BraTS2021_00001", "BRATS_001"]) == "GLI"
+    assert detect_challenge(["BraTS-MEN-RT-0001-1"]) == "GLI"  # no 2023 preset: as before
+    # the official package's sub-challenges (--rules brats2025): MEN-RT, pre-operative MEN, GoAT
+    assert detect_challenge(["BraTS-MEN-RT-0001-1", "BraTS-MEN-RT-0002-1"], "brats2025") == "MEN-RT"
+    assert detect_challenge(["BraTS-MEN-00004-000"], "brats2025") == "MEN-PRE"
+    assert detect_challenge(["BraTS-GoAT-00001-000"], "brats2025") == "GoAT"
+    assert detect_challenge(["BraTS-PED-00001-000"], "brats2025") == "PED"
+    assert detect_challenge(["BraTS-SSA-00001-000"], "brats2025") == "GLI"  # no config of its own
+    with pytest.raises(ScoringError, match="--challenge"):
+        detect_challenge(["BraTS-MEN-RT-0001-1", "BraTS-MEN-00004-000"], "brats2025")
     with pytest.raises(ScoringError, match="--challenge"):
         detect_challenge(["BraTS-MET-00001-000", "BraTS-MEN-00002-000"])
     ref = np.zeros((20, 20, 20), np.uint8)
@@ -370,7 +396,9 @@ def test_cli_prediction_in_another_convention_is_one_error_line(tmp_path):
     proc = _score(*args, "--convention", "brats2023")
     line = _one_error_line(proc)
     assert line.startswith(f"error: {pred_dir / CASES[0]}.nii.gz: label values {{4}} are not part of the 'brats2023'")
-    assert line.endswith("give the predictions' convention with --pred_convention (brats2018, brats2023, brats2024, msd)")
+    assert line.endswith(
+        "give the predictions' convention with --pred_convention (brats2018, brats2023, brats2024, msd)"
+    )
     assert proc.stdout == "" and not (tmp_path / "o").exists()
     # without --convention the detected one is logged (INFO) first; the error is still the one last line
     proc = _score(*args)
@@ -390,7 +418,9 @@ def test_cli_missing_folders_are_one_error_line(folders, tmp_path):
     proc = _score("--pred_dir", str(pred_dir), "--label_dir", str(tmp_path / "no_labels"), *out)
     assert _one_error_line(proc) == f"error: label_dir {tmp_path / 'no_labels'} is not a directory"
     proc = _score("--pred_dir", str(pred_dir), "--label_dir", str(label_dir), *out, "--rules", "brats2099")
-    assert _one_error_line(proc) == "error: rules (--rules) must be one of brats2023, captk, monai; got 'brats2099'"
+    assert _one_error_line(proc) == (
+        "error: rules (--rules) must be one of brats2023, brats2025, captk, monai; got 'brats2099'"
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -444,7 +474,9 @@ def test_missing_ids_listed_up_to_twenty(tmp_path, capsys):
     for case in cases:
         _save(label_dir / case / f"{case}-seg.nii.gz", _tumor())
     _save(pred_dir / f"{cases[0]}.nii.gz", _tumor())
-    _, summary = score_folders(pred_dir, label_dir, "brats2023", output_dir=tmp_path / "o", figure=False, progress=False)
+    _, summary = score_folders(
+        pred_dir, label_dir, "brats2023", output_dir=tmp_path / "o", figure=False, progress=False
+    )
     assert summary["n_cases"] == 1 and len(summary["missing_predictions"]) == 24
     warning = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("WARNING"))
     assert warning.endswith(f"{cases[20]}, ... (4 more)") and cases[21] not in warning

@@ -5,8 +5,9 @@
   core red, edema green, enhancing tumor yellow (Myronenko 2018, Fig. 2; ITK-SNAP's default label colors).
 * :func:`training_curves_figure`: loss terms per iteration and Dice per region per epoch, read from the
   TensorBoard event files that MONAI's ``TensorBoardStatsHandler`` writes.
-* :func:`scoring_summary_figure`: the per-case distribution of legacy and lesion-wise Dice and HD95 per region,
-  from the rows of :func:`brats_pipeline.evaluation.scoring.score_folders` (written next to its tables).
+* :func:`scoring_summary_figure`: the per-case distribution of whole-region and lesion-wise Dice and HD95 per region
+  (and the detection F1 under ``--rules brats2025``), from the rows of
+  :func:`brats_pipeline.evaluation.scoring.score_folders` (written next to its tables), titled with its rule set.
 
 Command line (examples with their output in ``docs/tools.md``)::
 
@@ -362,10 +363,12 @@ def training_curves_figure(
     return _save_png(fig, out_path, dpi)
 
 
-#: (legacy metric, lesion-wise metric, panel title) of :func:`scoring_summary_figure`
-_SCORE_PANELS: tuple[tuple[str, str, str], ...] = (
+#: (whole-region metric, lesion-wise metric, panel title) of :func:`scoring_summary_figure`; a panel is drawn when the
+#: rows hold one of its metrics (``lesion_f1``: the detection F1 of ``--rules brats2025``)
+_SCORE_PANELS: tuple[tuple[str | None, str, str], ...] = (
     ("dice", "lesion_dice", "Dice"),
     ("hd95", "lesion_hd95", "HD95 (mm)"),
+    (None, "lesion_f1", "lesion detection F1"),
 )
 
 
@@ -377,21 +380,27 @@ def scoring_summary_figure(
     title: str | None = None,
     panel_inches: float = 4.5,
     dpi: int = 120,
+    rules: str | None = None,
+    challenge: str | None = None,
 ) -> Path:
-    """Per-case distribution of legacy and lesion-wise Dice and HD95 per region, written as PNG.
+    """Per-case distribution of whole-region and lesion-wise Dice and HD95 per region, written as PNG.
 
-    One panel per metric (Dice, HD95); per region a box of the legacy values and, beside it, a box of the lesion-wise
-    values, with every case drawn as a dot and the mean as a white diamond. The HD95 axis is logarithmic (values from
-    a fraction of a mm to the penalty); the penalty is drawn as a dashed line.
+    One panel per metric (Dice, HD95, and the lesion detection F1 when the rows have it); per region a box of the
+    whole-region values ("legacy"; "global" under ``brats2025``) and, beside it, a box of the lesion-wise values,
+    with every case drawn as a dot and the mean as a white diamond. The HD95 axis is logarithmic (values from a
+    fraction of a mm to the penalty); the penalty is drawn as a dashed line. The title names the rule set and the
+    sub-challenge, so that a figure says which leaderboard its numbers belong to.
 
     Args:
         rows: long rows ``{"case_id", "region", "dice", "hd95", "lesion_dice", "lesion_hd95", ...}``.
         out_path: PNG file to write.
         regions: regions to draw, in order; default: those of the rows, in the order they first appear.
         hd95_penalty_mm: the HD95 penalty of the rules used, drawn as a reference line.
-        title: figure title.
+        title: figure title, e.g. the number of cases.
         panel_inches: width of one panel.
         dpi: resolution of the PNG.
+        rules: the rule set of the numbers (``--rules``), added to the title.
+        challenge: the sub-challenge (and config), added to the title.
 
     Returns:
         the path of the PNG.
@@ -399,15 +408,17 @@ def scoring_summary_figure(
     if not rows:
         raise ValueError("no rows to draw")
     regions = list(regions) if regions is not None else list(dict.fromkeys(str(r["region"]) for r in rows))
-    colors = {"legacy": "tab:blue", "lesion-wise": "tab:orange"}
-    fig = Figure(figsize=(panel_inches * len(_SCORE_PANELS), panel_inches * 0.85))
-    axes = fig.subplots(1, len(_SCORE_PANELS), squeeze=False)[0]
+    whole = "global" if rules == "brats2025" else "legacy"
+    colors = {whole: "tab:blue", "lesion-wise": "tab:orange"}
+    panels = [p for p in _SCORE_PANELS if any(m in rows[0] for m in p[:2] if m)]
+    fig = Figure(figsize=(panel_inches * len(panels), panel_inches * 0.85))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
     rng = np.random.default_rng(0)  # jitter of the dots: the same figure for the same rows
-    for ax, (legacy, lesion, label) in zip(axes, _SCORE_PANELS, strict=True):
+    for ax, (legacy, lesion, label) in zip(axes, panels, strict=True):
         for i, region in enumerate(regions):
-            for offset, (kind, metric) in zip(
-                (-0.18, 0.18), (("legacy", legacy), ("lesion-wise", lesion)), strict=True
-            ):
+            for offset, (kind, metric) in zip((-0.18, 0.18), ((whole, legacy), ("lesion-wise", lesion)), strict=True):
+                if metric is None:
+                    continue
                 values = np.asarray([float(r[metric]) for r in rows if r["region"] == region and metric in r])
                 values = values[np.isfinite(values)]
                 if metric.endswith("hd95"):
@@ -425,7 +436,7 @@ def scoring_summary_figure(
         ax.set_xlim(-0.6, len(regions) - 0.4)
         ax.set_title(label)
         ax.grid(True, axis="y", alpha=0.3)
-        if legacy == "dice":
+        if not lesion.endswith("hd95"):
             ax.set_ylim(-0.03, 1.03)
         else:
             ax.set_yscale("log")
@@ -443,9 +454,12 @@ def scoring_summary_figure(
                 )
     handles = [Patch(facecolor=c, alpha=0.5, label=k) for k, c in colors.items()]
     fig.legend(handles=handles, loc="lower center", ncol=2, frameon=False, fontsize=9)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.95 if title else 1))
+    named = [title] if title else []
+    named += [f"rules {rules}"] if rules else []
+    named += [f"challenge {challenge}"] if challenge else []
+    if named:
+        fig.suptitle(", ".join(named))
+    fig.tight_layout(rect=(0, 0.06, 1, 0.95 if named else 1))
     return _save_png(fig, out_path, dpi)
 
 

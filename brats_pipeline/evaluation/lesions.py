@@ -1,4 +1,5 @@
-"""Lesion-wise Dice and HD95 as the BraTS 2023+ challenges rank them.
+"""Lesion-wise Dice and HD95 as the BraTS 2023-2024 challenges rank them (``--rules brats2023``; 2025: the official
+package, :mod:`brats_pipeline.evaluation.challenge_package`).
 
 Definitions (those of the challenges' toolkit, github.com/rachitsaluja/BraTS-2023-Metrics), for one binary region
 (ET, TC, WT, ...) of one case:

@@ -3,6 +3,8 @@
 :func:`evaluation_plan` says which cases ``evaluate.json`` scores and warns when they are the cases that chose
 ``models/model.pt`` (the validation fold of training) or cases it was trained on, reading the training run's
 ``models/cases.json`` (:class:`~brats_pipeline.training.records.CaseRecord`) where it exists.
+``evaluate.json`` writes each evaluation into a folder of its own, ``<output_dir>/<eval_name>`` (``eval_name``:
+``<dataset folder>-fold<k>``, or ``<dataset folder>-<eval_split>``), and its BraTS scores into ``<eval_name>/<rules>``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any
 from monai.utils import look_up_option
 
 from brats_pipeline.atomic_files import write_json_atomic
+from brats_pipeline.bundle.command_line import check_output_folders
+from brats_pipeline.evaluation.scoring import check_rules
 from brats_pipeline.training.records import case_ids, read_case_record
 
 __all__ = ["EvaluationPlan", "evaluation_plan", "EVAL_SPLITS"]
@@ -48,21 +52,38 @@ class EvaluationPlan:
     held_out: bool | None = None
     overlap: dict[str, list[str]] = field(default_factory=dict)
 
-    def report(self, output_dir: str | os.PathLike | None = None, print_it: bool = True) -> str:
+    def report(
+        self, output_dir: str | os.PathLike | None = None, print_it: bool = True, rules: str | None = None
+    ) -> str:
         """Print :attr:`statement` and each warning (or log them, ``print_it=False``); with ``output_dir`` also write
-        ``evaluated_cases.json`` there (statement, warnings, held_out, the scored case ids and the overlap)."""
-        text = "\n".join([self.statement, *(f"WARNING: {w}" for w in self.warnings)])
+        ``evaluated_cases.json`` there (statement, warnings, held_out, the scored case ids and the overlap).
+
+        An ``output_dir`` that cannot be written stops the run here, in one line, before any prediction is made
+        (:func:`~brats_pipeline.bundle.command_line.check_output_folders`).
+
+        ``rules``: the rule set the predictions will be scored by (``evaluate.json``'s ``rules``), named in the
+        statement and the file, and checked first (:func:`~brats_pipeline.evaluation.scoring.check_rules`): an
+        unknown name, or ``brats2025`` without the official package, stops the run before any prediction is made.
+        """
+        if output_dir is not None:
+            check_output_folders(output_dir)
+        statement = self.statement
+        if rules is not None:
+            check_rules(rules)
+            statement += f" BraTS scores by the {rules} rules."
+        text = "\n".join([statement, *(f"WARNING: {w}" for w in self.warnings)])
         if print_it:
             print(text, flush=True)
         else:
-            logger.info("%s", self.statement)
+            logger.info("%s", statement)
             for w in self.warnings:
                 logger.warning("%s", w)
         if output_dir is not None:
             write_json_atomic(
                 {
                     "split": self.split,
-                    "statement": self.statement,
+                    "rules": rules,
+                    "statement": statement,
                     "warnings": self.warnings,
                     "held_out": self.held_out,
                     "cases": case_ids(self.cases),

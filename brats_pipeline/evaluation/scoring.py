@@ -3,22 +3,28 @@
 Command line::
 
     python -m brats_pipeline.evaluation.scoring --pred_dir P --label_dir L --output_dir O \\
-        [--convention brats2023] [--pred_convention brats2018] [--challenge GLI|SSA|MEN|MET|PED] \\
-        [--rules brats2023|captk|monai] [--on_missing worst|empty|skip|error] [--nsd_tolerance_mm 1.0] \\
+        [--convention brats2023] [--pred_convention brats2018] [--challenge GLI|SSA|MEN|MET|PED|MEN-RT|MEN-PRE|GoAT] \\
+        [--rules brats2023|brats2025|captk|monai] [--on_missing worst|empty|skip|error] [--nsd_tolerance_mm 1.0] \\
         [--label_scores True] [--hd95_mode surface|max|pooled] [--hd95_empty_mm 374]
 
 Per case and region (ET, TC, WT; plus RC for BraTS 2024 post-treatment labels; plus the single labels NETC and
 SNFH with ``--label_scores True``) the table holds the legacy metrics of :mod:`brats_pipeline.evaluation.metrics` (Dice,
 HD95, sensitivity, specificity, volumes, normalised surface Dice ``nsd`` at ``--nsd_tolerance_mm``) and the
-lesion-wise metrics of :mod:`brats_pipeline.evaluation.lesions` that the 2023+ challenges rank by (``lesion_dice``,
-``lesion_hd95``, ``lesion_tp``, ``lesion_fp``, ``lesion_fn``). ``docs/scoring.md`` describes every rule.
+lesion-wise metrics of :mod:`brats_pipeline.evaluation.lesions` that the 2023-2024 challenges rank by (``lesion_dice``,
+``lesion_hd95``, ``lesion_tp``, ``lesion_fp``, ``lesion_fn``). Under ``--rules brats2025`` the official package
+scores every label group of the sub-challenge's config instead (:mod:`brats_pipeline.evaluation.challenge_package`):
+``lesion_dice, lesion_nsd, lesion_hd95, lesion_tp, lesion_fp, lesion_fn, lesion_f1, dice, nsd, hd95``.
+``docs/scoring.md`` describes every rule.
 
 * Label convention: ``--convention``, else detected from ``label_dir`` as the datalist builder does (the release's
   folder layout; a 2023-style layout whose labels hold the value 4 is BraTS 2024 post-treatment, ``brats2024``).
-* Sub-challenge (lesion dilation and volume threshold): ``--challenge``, else from the ``BraTS-<SUB>-`` case ids,
-  else GLI.
-* Rule set (``--rules``, :data:`RULE_SETS`): HD95 definition, empty-region rule and penalty. The default,
-  ``brats2023``, reproduces the BraTS 2023+ toolkit (area-weighted HD95, both-empty 1 / 0, penalty 374 mm).
+* Sub-challenge (lesion dilation and volume threshold; under ``brats2025`` the package's config): ``--challenge``,
+  else from the ``BraTS-<SUB>-`` case ids (``BraTS-MEN-RT-``: MEN-RT), else GLI.
+* Rule set (``--rules``, :data:`RULE_NAMES`): ``brats2023`` reproduces the BraTS 2023-2024 toolkit (area-weighted
+  HD95, both-empty 1 / 0, penalty 374 mm); ``brats2025`` calls the official 2025 package (``pip install -e
+  .[challenge]``); ``captk`` and ``monai`` (:data:`RULE_SETS`) the older definitions. The default follows the data
+  (:func:`default_rules`): ``brats2025`` for references holding RC labels (the ``brats2024`` convention), else
+  ``brats2023``; the choice is printed in one line.
 * Missing predictions: the command line scores them as the challenge does, with the worst value of every metric
   (``--on_missing worst``), and warns with their count; ``empty`` scores an empty prediction, ``skip`` leaves
   them out, ``error`` stops. :func:`score_folders` keeps ``skip`` as its default: the bundles' ``evaluate.json``
@@ -40,18 +46,21 @@ Outputs (written atomically), in ``output_dir``:
 
 * ``metrics_per_case.csv``: long layout, one row per case and region (:data:`PER_CASE_COLUMNS`), regions in the
   BraTS order ET, TC, WT (RC, NETC, SNFH after them). ``pivot`` gives the wide ``Dice_ET, ...`` portal table.
-* ``metrics_summary.csv``: one row per region and metric with ``n, mean, std (ddof=1), median, 25quantile,
-  75quantile``, the statistics of the BraTS result tables.
+  A NaN (a region empty in both masks under ``monai`` and ``brats2025``) is an empty cell, as pandas writes it.
+* ``metrics_summary.csv``: one row per region and metric with the rule set, the sub-challenge, ``n, mean, std
+  (ddof=1), median, 25quantile, 75quantile`` (``brats2025``: the package's ``mean, std, median``).
 * ``metrics_summary.json``: the same statistics nested ``{region: {metric: {stat: value}}}`` under ``"metrics"``,
-  with the settings and the unmatched cases.
-* ``metrics_summary.png``: the per-case distribution of legacy and lesion-wise Dice and HD95 per region.
+  with the settings (``"leaderboard"``: the rule set and sub-challenge in words) and the unmatched cases.
+* ``metrics_summary.png``: the per-case distribution of whole-region and lesion-wise Dice and HD95 per region, the
+  rule set and sub-challenge in its title.
 
-The summary table (means per region) is printed at the end. Spacing comes from the reference's header
-(``get_zooms``); HD95 and volumes are in mm and ml.
+The summary table (means per region), headed by its rule set and sub-challenge, is printed at the end. Spacing comes
+from the reference's header (``get_zooms``); HD95 and volumes are in mm and ml.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -59,8 +68,9 @@ import math
 import os
 import re
 import sys
+import tempfile
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -74,6 +84,17 @@ from brats_pipeline.bundle.command_line import UserError, fire_command
 from brats_pipeline.data.datalist import find_cases
 from brats_pipeline.data.layouts import MSD_CASE_PATTERN, MSD_LABEL_CONVENTION, layout_of_case, split_nifti_suffix
 from brats_pipeline.data.screening import DatasetError
+from brats_pipeline.evaluation.challenge_package import (
+    CASE_ID_NAMES,
+    HD95_INFINITE_MM,
+    PACKAGE_CONFIGS,
+    PACKAGE_METRICS,
+    PACKAGE_RULES,
+    PACKAGE_STATISTICS,
+    ChallengePackage,
+    import_package,
+    package_summary,
+)
 from brats_pipeline.evaluation.lesions import (
     CHALLENGES,
     DEFAULT_CHALLENGE,
@@ -98,7 +119,10 @@ from brats_pipeline.transforms.labels import (
     CorruptLabelError,
     LabelConvention,
     LabelConventionError,
+    check_label_values,
+    classes_to_label,
     get_convention,
+    label_to_classes,
     label_to_regions,
     region_names,
 )
@@ -118,7 +142,8 @@ LABEL_REGIONS: dict[str, str] = {"NETC": "necrosis", "SNFH": "edema"}
 _SEG = re.compile(r"^(?P<case>.+?)[-_]seg$")
 #: the conventions the scoring flags accept (see :mod:`brats_pipeline.transforms.labels`)
 CONVENTION_NAMES: tuple[str, ...] = ("brats2018", "brats2023", "brats2024", "msd")
-_SUB_CHALLENGE = re.compile(r"^BraTS-(?P<sub>[A-Z]+)-\d+")
+#: ``BraTS-GLI-00001-000``, ``BraTS-MEN-RT-0001-1``, ``BraTS-GoAT-00001-000``: the sub-challenge's part of a case id
+_SUB_CHALLENGE = re.compile(r"^BraTS-(?P<sub>[A-Za-z]+(?:-[A-Za-z]+)?)-\d+")
 
 
 @dataclass(frozen=True)
@@ -146,7 +171,7 @@ RULE_SETS: dict[str, RuleSet] = {
         hd95_mode="surface",
         empty_rule="count",
         hd95_penalty_mm=HD95_PENALTY_2023_MM,
-        description="BraTS 2023-2025 (Synapse / MedPerf): the lesion-wise toolkit, DeepMind surface distance",
+        description="BraTS 2023-2024 (Synapse / MedPerf): the lesion-wise toolkit, DeepMind surface distance",
     ),
     "captk": RuleSet(
         "captk",
@@ -163,8 +188,10 @@ RULE_SETS: dict[str, RuleSet] = {
         description="MONAI's metric defaults (ignore_empty=True, percentile 95, directed=False)",
     ),
 }
-#: the rule set that reproduces the BraTS 2023+ leaderboard numbers
+#: the rule set that reproduces the BraTS 2023-2024 leaderboard numbers (the default of the array functions)
 DEFAULT_RULES = "brats2023"
+#: every ``--rules``: those of :data:`RULE_SETS`, and ``brats2025`` (the official package, 2025+ leaderboards)
+RULE_NAMES: tuple[str, ...] = tuple(sorted((*RULE_SETS, PACKAGE_RULES)))
 
 
 class ScoringError(UserError):
@@ -192,6 +219,26 @@ def _choice(flag: str, value: str, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ScoringError(f"{flag} must be one of {', '.join(map(str, choices))}; got {value!r}")
     return value
+
+
+def default_rules(convention: str | LabelConvention) -> str:
+    """The rule set whose leaderboard ranks references in ``convention``: ``brats2025`` (the official package) for the
+    2024+ post-treatment labels with a resection cavity (RC = 4, ``brats2024``), else ``brats2023``."""
+    return PACKAGE_RULES if get_convention(convention).has_resection_cavity else DEFAULT_RULES
+
+
+def check_rules(rules: str) -> str:
+    """``rules`` if it is one of :data:`RULE_NAMES` and can run: ``brats2025`` needs the official package.
+    ``evaluate.json`` calls it before predicting, so that a missing package stops the run before the work.
+
+    Raises:
+        ScoringError: an unknown name; :class:`~brats_pipeline.evaluation.challenge_package.ChallengePackageError`
+            (one line naming the extra to install): ``brats2025`` without the package.
+    """
+    _choice("rules (--rules)", rules, RULE_NAMES)
+    if rules == PACKAGE_RULES:
+        import_package()
+    return rules
 
 
 def _nifti_stem(path: Path) -> str | None:
@@ -321,10 +368,16 @@ def detect_convention(label_dir: str | os.PathLike, references: Mapping[str, Pat
     return convention
 
 
-def detect_challenge(case_ids: Sequence[str]) -> str:
-    """The BraTS 2023+ sub-challenge named by ``BraTS-<SUB>-NNNNN-NNN`` case ids, else :data:`DEFAULT_CHALLENGE`."""
-    subs = {m.group("sub") for c in case_ids if (m := _SUB_CHALLENGE.match(c))}
-    known = subs & set(CHALLENGES)
+def detect_challenge(case_ids: Sequence[str], rules: str = DEFAULT_RULES) -> str:
+    """The sub-challenge named by ``BraTS-<SUB>-NNNNN-NNN`` case ids (``BraTS-MEN-RT-NNNN-N``: MEN-RT) among those of
+    the rule set, else :data:`DEFAULT_CHALLENGE`: the presets of :data:`CHALLENGES`; under ``brats2025`` the package's
+    configs (:data:`~brats_pipeline.evaluation.challenge_package.PACKAGE_CONFIGS`; ``BraTS-MEN-``: MEN-PRE)."""
+    if rules == PACKAGE_RULES:
+        names = {k.upper(): k for k in PACKAGE_CONFIGS} | CASE_ID_NAMES
+    else:
+        names = {k: k for k in CHALLENGES}
+    subs = {m.group("sub").upper() for c in case_ids if (m := _SUB_CHALLENGE.match(c))}
+    known = {names[sub] for sub in subs if sub in names}
     if len(known) > 1:
         raise ScoringError(f"the case ids mix sub-challenges {sorted(known)}; pass --challenge")
     return known.pop() if known else DEFAULT_CHALLENGE
@@ -434,15 +487,12 @@ def score_case(
         pred = np.zeros_like(ref)
     else:
         pred, pred_affine, _ = _load_label(Path(pred_path))
-        if pred.shape != ref.shape:
-            raise ScoringError(
-                f"prediction {pred_path} has shape {pred.shape} but its reference {ref_path} has shape {ref.shape}"
-            )
+        _check_shape(pred, ref, pred_path, ref_path)
         if not np.allclose(pred_affine, ref_affine, atol=1e-3):
             logger.warning(
                 "prediction %s and reference %s have different affines; scoring voxel by voxel", pred_path, ref_path
             )
-    try:
+    with _label_errors(ref_path, convention):
         return case_scores(
             pred,
             ref,
@@ -453,6 +503,20 @@ def score_case(
             ref_source=str(ref_path),
             **score_kwargs,
         )
+
+
+def _check_shape(pred: np.ndarray, ref: np.ndarray, pred_path, ref_path) -> None:
+    if pred.shape != ref.shape:
+        raise ScoringError(
+            f"prediction {pred_path} has shape {pred.shape} but its reference {ref_path} has shape {ref.shape}"
+        )
+
+
+@contextlib.contextmanager
+def _label_errors(ref_path: str | os.PathLike, convention: str | LabelConvention) -> Iterator[None]:
+    """Label values outside a convention, as a :class:`ConventionError` naming the file and the flag to set."""
+    try:
+        yield
     except CorruptLabelError as e:  # no convention fixes it: no flag to advise
         raise ConventionError(str(e), source=e.source, convention=e.convention, bad_values=e.bad_values) from None
     except LabelConventionError as e:
@@ -468,6 +532,54 @@ def score_case(
             convention=e.convention,
             bad_values=e.bad_values,
         ) from None
+
+
+def package_case_scores(
+    package: ChallengePackage,
+    pred_path: str | os.PathLike | None,
+    ref_path: str | os.PathLike,
+    case_id: str,
+    convention: str | LabelConvention = "brats2023",
+    pred_convention: str | LabelConvention | None = None,
+) -> dict[str, dict[str, float]]:
+    """Scores ``{region: {metric: value}}`` of one case by the official package (``--rules brats2025``).
+
+    Both label maps are checked against their conventions first (a prediction in another convention is an error
+    naming ``--pred_convention``, as under the other rules); the package then reads the two files itself. It gets a
+    temporary copy of the prediction instead, written with the prediction's header (the reference's for
+    ``pred_path=None``, an empty prediction), when the prediction is converted into the reference's convention
+    (``pred_convention``) or has another NIfTI suffix than the reference (the package wants the same).
+
+    Args:
+        package: the sub-challenge's :class:`~brats_pipeline.evaluation.challenge_package.ChallengePackage`.
+        pred_path: the predicted label map, or ``None`` for an empty prediction.
+        ref_path: the reference label map.
+        case_id: the case id.
+        convention: the references' label convention.
+        pred_convention: the prediction's, when it differs.
+    """
+    ref, _, _ = _load_label(Path(ref_path))
+    ref_conv, pred_conv = get_convention(convention), get_convention(pred_convention or convention)
+    suffix = split_nifti_suffix(Path(ref_path))[1]
+    with _label_errors(ref_path, convention):
+        check_label_values(ref, ref_conv, str(ref_path))
+        if pred_path is None:
+            data = np.zeros(ref.shape, dtype=np.uint8)
+        else:
+            data, _, _ = _load_label(Path(pred_path))
+            _check_shape(data, ref, pred_path, ref_path)
+            check_label_values(data, pred_conv, str(pred_path))
+            if pred_conv == ref_conv and split_nifti_suffix(Path(pred_path))[1] == suffix:
+                return package(pred_path, ref_path, case_id)
+            include_rc = pred_conv.has_resection_cavity and ref_conv.has_resection_cavity
+            classes = label_to_classes(data, pred_conv, str(pred_path), include_rc=include_rc)
+            data = classes_to_label(classes, ref_conv)[0].numpy()
+    header_of = nib.load(str(ref_path if pred_path is None else pred_path))
+    with tempfile.TemporaryDirectory(prefix="brats-score-") as tmp:
+        copy = Path(tmp) / f"{case_id}{suffix}"
+        data = data.astype(header_of.get_data_dtype())
+        nib.save(type(header_of)(data, header_of.affine, header_of.header), str(copy))
+        return package(copy, ref_path, case_id, pred_source=pred_path or "the empty prediction")
 
 
 def _some(names: Sequence[str], limit: int = 20) -> str:
@@ -490,10 +602,11 @@ def _nothing_matches(pred_dir, label_dir, pred_files: Sequence[Path], case_ids: 
 
 
 def _csv_text(columns: Sequence[str], rows: Sequence[Mapping]) -> str:
+    """CSV of ``rows``; a NaN is an empty cell, as pandas writes (and reads) it."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()} for r in rows)
     return buf.getvalue()
 
 
@@ -517,9 +630,9 @@ def score_folders(
     hd95_mode: str | None = None,
     hd95_empty_mm: float | None = None,
     progress: bool = True,
-    rules: str = DEFAULT_RULES,
+    rules: str | None = None,
     challenge: str | None = None,
-    nsd_tolerance_mm: float = NSD_TOLERANCE_MM,
+    nsd_tolerance_mm: float | None = None,
     label_scores: bool = False,
     figure: bool = True,
     print_table: bool = True,
@@ -539,10 +652,12 @@ def score_folders(
         hd95_mode: override the rule set's HD95 definition (``"surface"``, ``"max"``, ``"pooled"``).
         hd95_empty_mm: override the rule set's HD95 penalty.
         progress: show a tqdm progress bar.
-        rules: rule set of :data:`RULE_SETS`; the default reproduces the BraTS 2023+ leaderboards.
-        challenge: sub-challenge preset (``GLI``, ``SSA``, ``MEN``, ``MET``, ``PED``); ``None``: from the case ids.
-        nsd_tolerance_mm: tolerance of the normalised surface Dice.
-        label_scores: add rows for the single labels NETC and SNFH.
+        rules: one of :data:`RULE_NAMES`; ``None`` follows the data (:func:`default_rules`: ``brats2025`` for
+            references with RC labels, else ``brats2023``) and says so in one line.
+        challenge: sub-challenge (``GLI``, ``SSA``, ``MEN``, ``MET``, ``PED``; under ``brats2025`` the package's
+            ``GLI``, ``MET``, ``PED``, ``MEN-RT``, ``MEN-PRE``, ``GoAT``); ``None``: from the case ids.
+        nsd_tolerance_mm: tolerance of the normalised surface Dice (default 1 mm; not under ``brats2025``).
+        label_scores: add rows for the single labels NETC and SNFH (``brats2025`` scores its config's groups).
         figure: write ``metrics_summary.png`` next to the tables.
         print_table: print the summary table to stdout at the end.
         case_ids: score only these reference cases (``evaluate.json``: its validation fold); every one must have a
@@ -552,19 +667,21 @@ def score_folders(
 
     Raises:
         ScoringError: a folder is missing, no prediction matches a reference (see ``case_ids``), a flag is wrong;
-            :class:`ConventionError` for label values outside the convention.
+            :class:`ConventionError` for label values outside the convention;
+            :class:`~brats_pipeline.evaluation.challenge_package.ChallengePackageError` under ``brats2025``: the
+            package is not installed, or it failed on a case.
 
     Returns:
         ``(rows, summary)``: long rows (``case_id``, ``region``, metrics) and the content of
         ``metrics_summary.json`` (settings, ``n_cases``, unmatched cases, ``"metrics"`` from
-        :func:`brats_pipeline.evaluation.metrics.summarize`).
+        :func:`brats_pipeline.evaluation.metrics.summarize`, or under ``brats2025`` from
+        :func:`~brats_pipeline.evaluation.challenge_package.package_summary`).
     """
     _choice("on_missing (--on_missing)", on_missing, ON_MISSING)
-    _choice("rules (--rules)", rules, tuple(RULE_SETS))
+    if rules is not None:
+        check_rules(rules)
     if hd95_mode is not None:
         _choice("hd95_mode (--hd95_mode)", hd95_mode, HD95_MODES)
-    rule = RULE_SETS[rules]
-    penalty = float(rule.hd95_penalty_mm if hd95_empty_mm is None else hd95_empty_mm)
     refs = find_references(label_dir)
     if not refs:
         raise ScoringError(f"no reference label files found in {label_dir}")
@@ -585,20 +702,43 @@ def score_folders(
                 get_convention(name)
             except ValueError:
                 _choice(flag, name, CONVENTION_NAMES)
+    choice = None
+    if rules is None:
+        rules = check_rules(default_rules(convention))  # no silent fallback when the package is missing
+        held = "hold RC labels" if rules == PACKAGE_RULES else "hold no RC label"
+        choice = f"rules: {rules} (references {held}; --rules to override)"
     if challenge is None:
-        challenge = detect_challenge(sorted(refs))
-    try:
-        criteria = get_challenge(challenge)
-    except ValueError:
-        raise ScoringError(
-            f"challenge (--challenge) must be one of {', '.join(CHALLENGES)}; got {challenge!r}"
-        ) from None
+        challenge = detect_challenge(sorted(refs), rules)
+    package, rule, criteria = None, None, None
+    if rules == PACKAGE_RULES:
+        flags = {"--hd95_mode": hd95_mode, "--hd95_empty_mm": hd95_empty_mm, "--nsd_tolerance_mm": nsd_tolerance_mm}
+        given = [flag for flag, value in flags.items() if value is not None] + ["--label_scores"] * bool(label_scores)
+        if given:
+            raise ScoringError(f"{', '.join(given)}: not under --rules {PACKAGE_RULES}, whose package config is fixed")
+        package = ChallengePackage(str(challenge))
+        challenge, penalty, metrics = package.challenge, HD95_INFINITE_MM, PACKAGE_METRICS
+        leaderboard = f"rules {rules} ({package.name}), challenge {challenge}"
+    else:
+        rule = RULE_SETS[rules]
+        penalty = float(rule.hd95_penalty_mm if hd95_empty_mm is None else hd95_empty_mm)
+        try:
+            criteria = get_challenge(challenge)
+        except ValueError:
+            raise ScoringError(
+                f"challenge (--challenge) must be one of {', '.join(CHALLENGES)}; got {challenge!r}"
+            ) from None
+        metrics = SCORE_METRICS
+        leaderboard = (
+            f"rules {rules}, challenge {challenge if isinstance(challenge, str) else 'custom'} (lesions: dilation "
+            f"{criteria.dilation}, volume threshold {criteria.volume_threshold_mm3:g} mm^3)"
+        )
     matched, missing, unused = match_predictions(sorted(refs), pred_dir)
     if not matched and (case_ids is None or on_missing == "skip"):
         # two folders that do not belong together: an all-worst table would pass for a result
         raise ScoringError(_nothing_matches(pred_dir, label_dir, unused, sorted(refs)))
     if missing:
-        what = {"worst": f"scored as worst (Dice 0, HD95 {penalty:g} mm)", "empty": "scored as empty predictions"}
+        worst = f"Dice 0, HD95 {penalty:g} mm" if package is None else f"0, HD95 {penalty:g} mm, as the package does"
+        what = {"worst": f"scored as worst ({worst})", "empty": "scored as empty predictions"}
         logger.warning(
             "%d of %d reference case(s) have NO PREDICTION, %s: %s",
             len(missing),
@@ -615,67 +755,124 @@ def score_folders(
     score_kwargs = dict(
         rules=rule,
         challenge=criteria,
-        nsd_tolerance_mm=float(nsd_tolerance_mm),
+        nsd_tolerance_mm=float(NSD_TOLERANCE_MM if nsd_tolerance_mm is None else nsd_tolerance_mm),
         label_scores=bool(label_scores),
         hd95_mode=hd95_mode,
         hd95_empty_mm=penalty,
     )
     rows: list[dict[str, float | str]] = []
     for case_id in tqdm(cases, desc="scoring", unit="case", disable=not progress or not sys.stderr.isatty()):
-        scores = score_case(matched.get(case_id), refs[case_id], convention, pred_convention, **score_kwargs)
-        if case_id not in matched and on_missing == "worst":
-            scores = worst_scores(scores, penalty)
+        pred_path = matched.get(case_id)
+        if package is not None:
+            if pred_path is None and on_missing == "worst":
+                scores = package.worst()
+            else:
+                scores = package_case_scores(package, pred_path, refs[case_id], case_id, convention, pred_convention)
+        else:
+            scores = score_case(pred_path, refs[case_id], convention, pred_convention, **score_kwargs)
+            if pred_path is None and on_missing == "worst":
+                scores = worst_scores(scores, penalty)
         order = [r for r in REPORT_ORDER if r in scores] + [r for r in scores if r not in REPORT_ORDER]
         rows += [{"case_id": case_id, "region": region, **scores[region]} for region in order]
 
-    summary = {
+    summary: dict = {
+        "leaderboard": leaderboard,
         "convention": convention,
         "pred_convention": pred_convention or convention,
-        "rules": asdict(rule),
-        "hd95_mode": hd95_mode or rule.hd95_mode,
-        "hd95_empty_mm": penalty,
-        "challenge": challenge if isinstance(challenge, str) else None,
-        "lesion_dilation": criteria.dilation,
-        "lesion_volume_threshold_mm3": criteria.volume_threshold_mm3,
-        "nsd_tolerance_mm": float(nsd_tolerance_mm),
+    }
+    if package is not None:
+        summary |= {
+            "rules": {"name": rules, "package": package.versions, "config": package.config},
+            "challenge": challenge,
+            "package_config": package.config,
+            "hd95_infinite_mm": HD95_INFINITE_MM,
+        }
+        statistics, stats = PACKAGE_STATISTICS, package_summary(rows, metrics)
+    else:
+        summary |= {
+            "rules": asdict(rule),  # type: ignore[arg-type]
+            "hd95_mode": hd95_mode or rule.hd95_mode,  # type: ignore[union-attr]
+            "hd95_empty_mm": penalty,
+            "challenge": challenge if isinstance(challenge, str) else None,
+            "lesion_dilation": criteria.dilation,  # type: ignore[union-attr]
+            "lesion_volume_threshold_mm3": criteria.volume_threshold_mm3,  # type: ignore[union-attr]
+            "nsd_tolerance_mm": score_kwargs["nsd_tolerance_mm"],
+        }
+        statistics, stats = STATISTICS, summarize(rows, metrics, ddof=1)
+    summary |= {
         "n_cases": len(cases),
         "n_missing_predictions": len(missing),
         "missing_predictions": missing,
         "missing_predictions_scored_as": on_missing,
         "unused_predictions": [str(p) for p in unused],
-        "metrics": summarize(rows, SCORE_METRICS, ddof=1),
+        "statistics": list(statistics),
+        "metrics": stats,
     }
     if output_dir is not None:
         out = Path(output_dir)
-        write_text_atomic(_csv_text(PER_CASE_COLUMNS, rows), out / PER_CASE_CSV, newline="")
+        write_text_atomic(_csv_text(("case_id", "region", *metrics), rows), out / PER_CASE_CSV, newline="")
+        named = {"rules": rules, "challenge": summary["challenge"]}
         stat_rows = [
-            {"region": region, "metric": metric, **stats}
-            for region, per_metric in summary["metrics"].items()
-            for metric, stats in per_metric.items()
+            {**named, "region": region, "metric": metric, **values}
+            for region, per_metric in stats.items()
+            for metric, values in per_metric.items()
         ]
-        write_text_atomic(_csv_text(("region", "metric", "n", *STATISTICS), stat_rows), out / SUMMARY_CSV, newline="")
+        columns = (*named, "region", "metric", "n", *statistics)
+        write_text_atomic(_csv_text(columns, stat_rows), out / SUMMARY_CSV, newline="")
         write_json_atomic(_json_safe(summary), out / SUMMARY_JSON)
         if figure:
             from brats_pipeline.evaluation.figures import scoring_summary_figure
 
-            scoring_summary_figure(rows, out / SUMMARY_PNG, hd95_penalty_mm=penalty, title=f"{len(cases)} cases")
+            scoring_summary_figure(
+                rows,
+                out / SUMMARY_PNG,
+                hd95_penalty_mm=penalty,
+                title=f"{len(cases)} cases",
+                rules=rules,
+                challenge=str(challenge) if package is None else f"{challenge} (package config {package.config})",
+            )
     if print_table:
-        print(format_table(summary), flush=True)
+        print("\n".join(([choice] if choice else []) + [format_table(summary)]), flush=True)
+    elif choice:
+        logger.info("%s", choice)
     return rows, summary
 
 
+#: columns of :func:`format_table`: (header, metric, width, decimals), per rule set family
+_TABLE_COLUMNS: dict[str, tuple[tuple[str, str, int, int], ...]] = {
+    "toolkit": (
+        ("Dice", "dice", 9, 4),
+        ("HD95", "hd95", 9, 2),
+        ("LesionDice", "lesion_dice", 12, 4),
+        ("LesionHD95", "lesion_hd95", 12, 2),
+        ("NSD", "nsd", 8, 4),
+    ),
+    PACKAGE_RULES: (
+        ("LesionDSC", "lesion_dice", 11, 4),
+        ("LesionHD95", "lesion_hd95", 12, 2),
+        ("F1", "lesion_f1", 8, 4),
+        ("DSC", "dice", 8, 4),
+        ("HD95", "hd95", 9, 2),
+        ("NSD", "nsd", 8, 4),
+    ),
+}
+
+
 def format_table(summary: Mapping) -> str:
-    """The BraTS summary table: per region the mean legacy and lesion-wise Dice and HD95 (and NSD) of
-    :func:`score_folders`' summary, with a warning line when predictions were missing."""
+    """The BraTS summary table of :func:`score_folders`' summary: a line naming the rule set and sub-challenge, then per
+    region the means (legacy and lesion-wise Dice and HD95, and NSD; under ``brats2025`` lesion-wise Dice and HD95 of
+    the matched lesions, detection F1, global Dice, HD95 and NSD), with a warning line when predictions were missing.
+    ``n`` counts the cases with a value (``brats2025``: those not empty in both masks)."""
+    family = PACKAGE_RULES if summary["rules"]["name"] == PACKAGE_RULES else "toolkit"
+    columns = _TABLE_COLUMNS[family]
     lines = [
-        f"{'region':<7}{'n':>5}{'Dice':>9}{'HD95':>9}{'LesionDice':>12}{'LesionHD95':>12}{'NSD':>8}",
+        f"{summary.get('leaderboard', summary['rules']['name'])}: means over {summary.get('n_cases', '?')} cases",
+        f"{'region':<7}{'n':>5}" + "".join(f"{header:>{width}}" for header, _, width, _ in columns),
     ]
     for region, m in summary["metrics"].items():
-        values = (m["dice"]["mean"], m["hd95"]["mean"], m["lesion_dice"]["mean"], m["lesion_hd95"]["mean"])
-        lines.append(
-            f"{region:<7}{m['dice']['n']:>5}{values[0]:>9.4f}{values[1]:>9.2f}{values[2]:>12.4f}{values[3]:>12.2f}"
-            f"{m['nsd']['mean']:>8.4f}"
-        )
+        n = m[columns[0][1]]["n"]
+        cells = "".join(f"{m[metric]['mean']:>{width}.{digits}f}" for _, metric, width, digits in columns)
+        lines.append(f"{region:<7}{n:>5}{cells}")
     n_missing = summary.get("n_missing_predictions", 0)
     if n_missing:
         lines.append(
@@ -692,15 +889,16 @@ def main(
     convention: str | None = None,
     pred_convention: str | None = None,
     on_missing: str = "worst",
-    rules: str = DEFAULT_RULES,
+    rules: str | None = None,
     challenge: str | None = None,
-    nsd_tolerance_mm: float = NSD_TOLERANCE_MM,
+    nsd_tolerance_mm: float | None = None,
     label_scores: bool | str = False,
     hd95_mode: str | None = None,
     hd95_empty_mm: float | None = None,
     figure: bool | str = True,
 ) -> None:
-    """Command line entry: score, write the files into ``output_dir`` and print the table."""
+    """Command line entry: score, write the files into ``output_dir`` and print the table. Without ``--rules`` the
+    rule set follows the references (:func:`default_rules`), printed in one line."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     score_folders(
         pred_dir,
@@ -713,7 +911,7 @@ def main(
         hd95_empty_mm=None if hd95_empty_mm is None else float(hd95_empty_mm),
         rules=rules,
         challenge=challenge,
-        nsd_tolerance_mm=float(nsd_tolerance_mm),
+        nsd_tolerance_mm=None if nsd_tolerance_mm is None else float(nsd_tolerance_mm),
         label_scores=_flag("--label_scores", label_scores),
         figure=_flag("--figure", figure),
     )
@@ -726,6 +924,7 @@ __all__: Sequence[str] = (
     "ConventionError",
     "RuleSet",
     "RULE_SETS",
+    "RULE_NAMES",
     "DEFAULT_RULES",
     "ON_MISSING",
     "PER_CASE_CSV",
@@ -734,6 +933,8 @@ __all__: Sequence[str] = (
     "SUMMARY_PNG",
     "PER_CASE_COLUMNS",
     "SCORE_METRICS",
+    "default_rules",
+    "check_rules",
     "find_references",
     "match_predictions",
     "detect_convention",
@@ -741,6 +942,7 @@ __all__: Sequence[str] = (
     "case_scores",
     "worst_scores",
     "score_case",
+    "package_case_scores",
     "score_folders",
     "format_table",
     "main",
