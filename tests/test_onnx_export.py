@@ -35,7 +35,8 @@ ENV = {
     "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
 }
 WIDTH = 8
-TOL = 1e-4
+#: onnxruntime vs eager, relative to the output's scale (:func:`onnx_vs_eager`)
+REL_TOL = 1e-4
 NAMES = {"input_names": ["image"], "output_names": ["pred"]}
 DYNAMIC = {"image": {0: "batch", 2: "h", 3: "w", 4: "d"}, "pred": {0: "batch", 2: "h", 3: "w", 4: "d"}}
 #: name -> (bundle, --input_shape, extra command-line arguments). SegResNet: one file for every size divisible by 8
@@ -110,7 +111,8 @@ def onnx_vs_eager(
     onnx_file: Path, net: nn.Module, shape: list[int], out_channels: int, seed: int = 0
 ) -> tuple[float, float]:
     """Max abs differences between onnxruntime and the eager network, in float32 and in float64 (the exact answer
-    up to ~1e-12), on ``torch.rand(shape)``."""
+    up to ~1e-12), on ``torch.rand(shape)``, relative to the output's scale (its largest magnitude): float32 kernels
+    round their sums by a fraction of the scale, and which kernels onnxruntime and oneDNN run depends on the CPU."""
     session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     x = torch.rand(shape, generator=torch.Generator().manual_seed(seed))
     (onnx_out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
@@ -118,7 +120,8 @@ def onnx_vs_eager(
         eager32 = net(x).numpy()
         eager64 = copy.deepcopy(net).double()(x.double()).numpy()
     assert onnx_out.shape == eager32.shape == (shape[0], out_channels, *shape[2:])
-    return float(np.abs(onnx_out - eager32).max()), float(np.abs(onnx_out - eager64).max())
+    scale = float(np.abs(eager64).max())
+    return float(np.abs(onnx_out - eager32).max()) / scale, float(np.abs(onnx_out - eager64).max()) / scale
 
 
 @pytest.mark.parametrize(
@@ -156,10 +159,9 @@ def test_espnet3d_onnx_matches_eager(exported):
     net = eager_network("espnet3d", ckpt)
     for seed in range(2):
         diff32, diff64 = onnx_vs_eager(onnx_file, net, shape, 4, seed)
-        assert diff64 <= TOL
-        # a deep network with logits ~7: eager float32 is itself up to ~9e-5 from the float64 answer here
-        # (onnxruntime ~3e-5), so against float32 eager the two roundings add up
-        assert diff32 <= 2 * TOL
+        # measured (2026-12, AVX-512 and AVX2 kernels): 1.8e-5 of the scale against float32 eager (both roundings
+        # add up), 5e-6 against float64; segresnet_vae 1.5e-6 and 1.1e-6
+        assert diff32 <= REL_TOL and diff64 <= REL_TOL
     session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].name == "image" and session.get_outputs()[0].name == "pred"
     assert session.get_inputs()[0].shape == shape and session.get_outputs()[0].shape == [1, 4, *shape[2:]]
@@ -176,4 +178,4 @@ def test_segresnet_vae_onnx_matches_eager_with_dynamic_axes(exported):
     assert session.get_inputs()[0].shape == ["batch", 4, "h", "w", "d"]
     for seed, shape in enumerate(([1, 4, 32, 32, 32], [2, 4, 40, 32, 24], [1, 4, 24, 48, 16])):
         diff32, diff64 = onnx_vs_eager(onnx_file, net, shape, 3, seed)
-        assert diff32 <= TOL and diff64 <= TOL
+        assert diff32 <= REL_TOL and diff64 <= REL_TOL
