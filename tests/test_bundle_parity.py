@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 
+from brats_pipeline.bundle.command_line import InterruptGuard
 from brats_pipeline.data.screening import CaseFailureReport
-from brats_pipeline.training.checkpointing import AtomicCheckpointSaver, ResumeFromCheckpoint
+from brats_pipeline.training.checkpointing import ArchiveEarlierRun, AtomicCheckpointSaver, ResumeFromCheckpoint
 from brats_pipeline.training.guards import NonFiniteLossGuard
 from brats_pipeline.training.records import CaseRecord
 
@@ -138,6 +139,8 @@ def test_both_bundles_attach_the_same_guarantees(tiny_workflow, tmp_path):
             e: [type(h).__name__ for h in wf.parser.get_parsed_content(f"{e}#handlers")] for e in ("train", "validate")
         }
         assert run.resume_from_checkpoint.enabled is False and run.check_labels is True
+        # models/cases.json and model_settings.json: written with model.pt, not when training starts
+        assert isinstance(run.case_record, CaseRecord) and run.settings_record is not None
         assert set(run.checkpoint_dict) == {"model", "optimizer", "lr_scheduler", "trainer", "rng", "best", "scaler"}
     assert attached["segresnet_vae"] == attached["espnet3d"]
     assert (
@@ -150,7 +153,7 @@ def test_both_bundles_attach_the_same_guarantees(tiny_workflow, tmp_path):
     )
     trainer = attached["espnet3d"]["trainer"]
     assert trainer[:2] == [NonFiniteLossGuard, ResumeFromCheckpoint] and AtomicCheckpointSaver in trainer
-    assert CaseRecord in trainer  # models/cases.json: what trained and what chose the model
+    assert ArchiveEarlierRun in trainer and InterruptGuard in trainer
     assert AtomicCheckpointSaver in attached["espnet3d"]["evaluator"]
 
 
@@ -164,7 +167,7 @@ def test_both_inference_configs_screen_cases_and_have_the_same_handlers(tiny_wor
         assert wf.parser.get_parsed_content("prediction_run").cases  # the screened list the dataset is built from
         assert wf.parser["dataset"]["data"] == "$@prediction_run.cases"
     assert handlers["segresnet_vae"] == handlers["espnet3d"]
-    assert handlers["espnet3d"] == ["CheckpointLoader", "CaseFailureReport", "ProgressBar"]
+    assert handlers["espnet3d"] == ["CheckpointLoader", "CaseFailureReport", "ProgressBar", "InterruptGuard"]
 
 
 # ------------------------------------------------------------------------------------------------- Model Zoo shape
@@ -184,8 +187,11 @@ def _items(node: Any, found: dict[str, list]) -> None:
         found["expressions"].append(node)
 
 
-@pytest.mark.parametrize("path", sorted(REPO.glob("bundles/*/configs/*.json")) + sorted(REPO.glob("configs/*.json")),
-                         ids=lambda p: f"{p.parent.parent.name}/{p.name}")
+@pytest.mark.parametrize(
+    "path",
+    sorted(REPO.glob("bundles/*/configs/*.json")) + sorted(REPO.glob("configs/*.json")),
+    ids=lambda p: f"{p.parent.parent.name}/{p.name}",
+)
 def test_configs_read_like_model_zoo_configs(path):
     """No ``$`` expression over 120 characters (logic beyond one short line has a name in brats_pipeline), and no
     component written out more than 3 times in one file (a repeated block is one named component)."""

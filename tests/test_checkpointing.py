@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import random
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from monai.losses import DiceLoss
 from monai.transforms import Compose, RandFlipd, RandScaleIntensityd, RandSpatialCropd
 from monai.utils import set_determinism
 
+from brats_pipeline.training import checkpointing
 from brats_pipeline.training.checkpointing import (
     AtomicCheckpointSaver,
     CheckpointResumeError,
@@ -35,11 +37,19 @@ class SimulatedCrash(RuntimeError):
     pass
 
 
-def build_run(ckpt_dir: Path, resume: bool = False, with_rng: bool = True, saver_cls=AtomicCheckpointSaver) -> dict:
+def build_run(
+    ckpt_dir: Path,
+    resume: bool = False,
+    with_rng: bool = True,
+    saver_cls=AtomicCheckpointSaver,
+    val_interval: int = 1,
+    epochs: int = EPOCHS,
+    **run_args,
+) -> dict:
     """Tiny engines (16^3 random volumes) with the shipped :class:`TrainingRun` guarantees attached.
 
     ``with_rng=False`` or another ``saver_cls`` build the counterfactual wiring by hand, to show what each piece of
-    the shipped wiring prevents.
+    the shipped wiring prevents. ``run_args`` go to ``TrainingRun`` (``settings``, ``train_items``, ...).
     """
     set_determinism(seed=0)  # what the bundle's `initialize` does, in every (re)started process
     g = torch.Generator().manual_seed(1234)
@@ -60,7 +70,7 @@ def build_run(ckpt_dir: Path, resume: bool = False, with_rng: bool = True, saver
     loader = DataLoader(Dataset(data, train_tf), batch_size=2, shuffle=True, num_workers=0)
     net = torch.nn.Sequential(torch.nn.Conv3d(4, 4, 3, padding=1), torch.nn.Dropout(0.2), torch.nn.Conv3d(4, 3, 1))
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=EPOCHS, power=0.9)
+    sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=epochs, power=0.9)
     evaluator = SupervisedEvaluator(
         device="cpu",
         val_data_loader=DataLoader(Dataset(data[:2]), batch_size=1),
@@ -70,7 +80,7 @@ def build_run(ckpt_dir: Path, resume: bool = False, with_rng: bool = True, saver
     )
     trainer = SupervisedTrainer(
         device="cpu",
-        max_epochs=EPOCHS,
+        max_epochs=epochs,
         train_data_loader=loader,
         network=net,
         optimizer=opt,
@@ -81,7 +91,7 @@ def build_run(ckpt_dir: Path, resume: bool = False, with_rng: bool = True, saver
         # the shipped wiring: what both bundles' train.json attach through TrainingRun
         trainer_handlers = [
             LrScheduleHandler(sched, print_lr=False),
-            ValidationHandler(validator=evaluator, interval=1),
+            ValidationHandler(validator=evaluator, interval=val_interval),
         ]
         for h in trainer_handlers:
             h.attach(trainer)
@@ -97,6 +107,8 @@ def build_run(ckpt_dir: Path, resume: bool = False, with_rng: bool = True, saver
             check_labels=False,
             tensorboard=False,
             progress=False,
+            val_interval=val_interval,
+            **run_args,
         )
         training_run.attach()
         resume_handler = training_run.resume_from_checkpoint
@@ -134,7 +146,10 @@ def build_run(ckpt_dir: Path, resume: bool = False, with_rng: bool = True, saver
     trainer.add_event_handler(
         Events.ITERATION_COMPLETED, lambda e: log["loss"].append((e.state.iteration, e.state.output["loss"].item()))
     )
-    return {"trainer": trainer, "evaluator": evaluator, "net": net, "log": log, "resume": resume_handler}
+    run = {"trainer": trainer, "evaluator": evaluator, "net": net, "log": log, "resume": resume_handler}
+    if with_rng and saver_cls is AtomicCheckpointSaver:
+        run["training_run"] = training_run
+    return run
 
 
 def crash_at(run: dict, epoch: int, iteration_in_epoch: int = 1) -> None:
@@ -252,20 +267,145 @@ def test_resume_switch_and_missing_checkpoint(tmp_path, caplog):
     assert run["log"]["start_epoch"] == 1 and run["resume"].loaded_path is None
     assert "no 'last' checkpoint" in caplog.text and "starting from scratch" in caplog.text
 
-    # resume=False with a checkpoint of an earlier run: warns, starts at epoch 1, prunes the stale file on saving
+    # resume=False with an earlier run's files: they are moved, together, to previous/<time>/ before anything is
+    # written, never deleted; the run starts at epoch 1
     stale = tmp_path / "last_checkpoint_epoch=9.pt"
     (tmp_path / "last_checkpoint_epoch=1.pt").rename(stale)
+    (tmp_path / "model.pt").write_bytes(b"earlier model")
+    (tmp_path / "model_settings.json").write_text('{"network_width": 16}')
+    (tmp_path / "cases.json").write_text('{"trained_on": ["x"]}')
+    stale_bytes = stale.read_bytes()
     fresh = build_run(tmp_path, resume=False)
     crash_at(fresh, epoch=1)
     with caplog.at_level("WARNING"), pytest.raises(SimulatedCrash):
         fresh["trainer"].run()
     assert fresh["log"]["start_epoch"] == 1 and fresh["resume"].loaded_path is None
-    assert "Not resuming (resume=False)" in caplog.text and stale.is_file()
+    (previous,) = (tmp_path / "previous").iterdir()
+    assert ckpt_files(tmp_path) == ["previous"]
+    assert ckpt_files(previous) == ["cases.json", "last_checkpoint_epoch=9.pt", "model.pt", "model_settings.json"]
+    assert (previous / "last_checkpoint_epoch=9.pt").read_bytes() == stale_bytes
+    assert (previous / "model.pt").read_bytes() == b"earlier model"
+    assert f"moved to {previous}" in caplog.text and "Not resuming (resume=False)" not in caplog.text
     fresh = build_run(tmp_path, resume=False)
     crash_at(fresh, epoch=2)
     with pytest.raises(SimulatedCrash):
         fresh["trainer"].run()
-    assert ckpt_files(tmp_path) == ["last_checkpoint_epoch=1.pt", "model.pt"]
+    assert ckpt_files(tmp_path) == ["last_checkpoint_epoch=1.pt", "model.pt", "previous"]
+    assert len(list((tmp_path / "previous").iterdir())) == 1  # the crashed run had written nothing to move
+
+
+#: what TrainingRun records next to model.pt in these tests: the width of the first convolution, and two cases
+SETTINGS = {"network_width": 4}
+CASES = {"train_items": [{"case_id": "a"}, {"case_id": "b"}], "val_items": [{"case_id": "c"}]}
+
+
+def earlier_run(folder: Path, width: int = 16) -> None:
+    """What another run left: a model.pt of another width, its settings and cases, its last checkpoint."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(torch.nn.Conv3d(4, width, 3).state_dict(), folder / "model.pt")
+    (folder / "model_settings.json").write_text(json.dumps({"network_width": width}))
+    (folder / "cases.json").write_text(json.dumps({"trained_on": ["old"]}))
+    torch.save({"trainer": {"epoch": 30}}, folder / "last_checkpoint_epoch=30.pt")
+
+
+def test_model_settings_and_cases_are_written_with_model_pt(tmp_path, monkeypatch):
+    """Not when training starts: a run that dies before its first validation leaves none of the three; the records
+    are in place before model.pt takes its name, and describe this run."""
+    run = build_run(tmp_path, settings=SETTINGS, **CASES)
+    crash_at(run, epoch=1, iteration_in_epoch=2)  # training started, no validation yet
+    with pytest.raises(SimulatedCrash):
+        run["trainer"].run()
+    assert ckpt_files(tmp_path) == []
+
+    seen_at_publish = []
+    real_publish = checkpointing.atomic_write
+
+    def spy(path, *args, **kwargs):  # what exists when model.pt is about to take its name
+        if Path(path).name == "model.pt":
+            seen_at_publish.append(ckpt_files(tmp_path))
+        return real_publish(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpointing, "atomic_write", spy)
+    run = build_run(tmp_path, settings=SETTINGS, **CASES)
+    crash_at(run, epoch=2, iteration_in_epoch=1)  # epoch 1 validated and saved
+    with pytest.raises(SimulatedCrash):
+        run["trainer"].run()
+    assert ckpt_files(tmp_path) == ["cases.json", "last_checkpoint_epoch=1.pt", "model.pt", "model_settings.json"]
+    assert seen_at_publish == [[]]  # the records are written inside model.pt's save, before it is published
+    assert json.loads((tmp_path / "model_settings.json").read_text())["network_width"] == 4
+    cases = json.loads((tmp_path / "cases.json").read_text())
+    assert cases["trained_on"] == ["a", "b"] and cases["selected_on"] == ["c"]
+    assert run["training_run"].model_written_epoch == 1
+
+
+def test_run_that_never_validates_reports_no_model(tmp_path, capsys, caplog):
+    """epochs < val_interval after an earlier run: the earlier model.pt, its settings, cases and checkpoint move
+    together to previous/<time>/ (nothing deleted), nothing is written under "best", and neither the summary nor a
+    held-out evaluation presents the earlier model as this run's."""
+    earlier_run(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    run = build_run(tmp_path, val_interval=10, epochs=2, settings=SETTINGS, **CASES)
+    with caplog.at_level("WARNING"):
+        summary = run["training_run"].run()
+    out = capsys.readouterr().out
+    (previous,) = (tmp_path / "previous").iterdir()
+    assert {p.name: p.read_bytes() for p in previous.iterdir()} == before  # moved as they were, together
+    assert ckpt_files(tmp_path) == ["last_checkpoint_epoch=2.pt", "previous"]
+    assert f"moved to {previous}" in caplog.text
+    assert summary["model"] is None and summary["earlier_run_moved_to"] == str(previous)
+    assert "best model       none written by this run; it never validated (val_interval 10, 2 epoch(s))" in out
+    assert str(tmp_path / "model.pt") not in out
+
+    holdout, ran = run["evaluator"], []  # stands for a held-out evaluator that loads model.pt
+    holdout.add_event_handler(Events.STARTED, lambda e: ran.append(1))
+    assert run["training_run"].evaluate_model(holdout, lambda e: ran.append("report")) is None
+    assert ran == [] and "held-out evaluation skipped: no model written by this run" in capsys.readouterr().out
+
+    # the next run that validates writes its own three files, which agree with each other
+    run = build_run(tmp_path, val_interval=1, epochs=1, settings=SETTINGS, **CASES)
+    summary = run["training_run"].run()
+    assert summary["model"] == str(tmp_path / "model.pt")
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    width = json.loads((tmp_path / "model_settings.json").read_text())["network_width"]
+    assert state["0.weight"].shape[0] == width == 4
+    assert json.loads((tmp_path / "cases.json").read_text())["trained_on"] == ["a", "b"]
+    holdout = run["evaluator"]
+    holdout.add_event_handler(Events.STARTED, lambda e: ran.append(1))
+    assert run["training_run"].evaluate_model(holdout, lambda e: "scored") == "scored" and ran == [1]
+    assert len(list((tmp_path / "previous").iterdir())) == 2  # the never-validated run's checkpoint moved too
+
+
+def test_resumed_run_keeps_its_files_and_reports_its_model(tmp_path):
+    run = build_run(tmp_path, settings=SETTINGS, **CASES)
+    crash_at(run, epoch=2, iteration_in_epoch=2)
+    with pytest.raises(SimulatedCrash):
+        run["trainer"].run()
+    resumed = build_run(tmp_path, resume=True, settings=SETTINGS, **CASES)
+    summary = resumed["training_run"].run()
+    assert not (tmp_path / "previous").exists()
+    assert summary["model"] == str(tmp_path / "model.pt")
+    assert resumed["training_run"].model_file() == str(tmp_path / "model.pt")
+
+
+def test_interrupt_message_names_the_last_checkpoint(tmp_path):
+    run = build_run(tmp_path)
+    training_run = run["training_run"]
+    assert training_run.interrupt_message().startswith("interrupted before training started")
+    messages = []
+
+    def interrupt(engine):
+        if engine.state.epoch == 3 and engine.state.iteration == 5:
+            messages.append(training_run.interrupt_message())
+            raise KeyboardInterrupt
+
+    run["trainer"].add_event_handler(Events.ITERATION_COMPLETED, interrupt)
+    training_run._phase = "training"
+    with pytest.raises(KeyboardInterrupt):
+        run["trainer"].run()
+    assert messages == [
+        f"interrupted at epoch 3 (iteration 5); last checkpoint: {tmp_path / 'last_checkpoint_epoch=2.pt'} "
+        "(epoch 2); resume with --resume True"
+    ]
 
 
 def test_unreadable_checkpoint_is_a_clear_error(tmp_path):

@@ -190,7 +190,8 @@ def test_none_refused_for_a_key_with_a_value(text):
         default = json.loads(Path(config(bundle, "train")).read_text())["dataset_dir"]
         message = refused(run_args(bundle, "train", "--dataset_dir", text))
         assert message.startswith(f"--dataset_dir {text} ") and message.endswith(
-            "give a folder: --dataset_dir /path/to/folder" + ("" if text == "None" else f" (the config's value is {default!r})")
+            "give a folder: --dataset_dir /path/to/folder"
+            + ("" if text == "None" else f" (the config's value is {default!r})")
         ), message
         assert repr(default) in message and "\n" not in message
     assert refused(run_args("espnet3d", "train", "--dataset_dir", "None")) == (
@@ -238,7 +239,9 @@ def test_overlay_before_the_bundle_config_refused(tmp_path, monkeypatch):
     overlay.write_text(json.dumps({"epochs": 1}))
     check_command_line(["run", "--config_file", str([str(overlay), str(bundle / "train.json")])])
     (bundle / "metadata.json").write_text(Path(config("espnet3d", "metadata")).read_text())
-    assert "list the bundle's config first" in refused(["run", "--config_file", str([str(overlay), str(bundle / "train.json")])])
+    assert "list the bundle's config first" in refused(
+        ["run", "--config_file", str([str(overlay), str(bundle / "train.json")])]
+    )
 
 
 def test_only_the_bundle_command_line_is_checked(monkeypatch):
@@ -550,7 +553,16 @@ def test_failed_cases_keep_their_summary(tmp, tmp_path):
 
 def test_synthetic_command_line(tmp_path):
     """The generator's own command line: its booleans are checked too, and a mistake is one line."""
-    cmd = [sys.executable, "-m", "brats_pipeline.tools.synthetic", str(tmp_path / "d"), "--num_cases", "1", "--shape", "16"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "brats_pipeline.tools.synthetic",
+        str(tmp_path / "d"),
+        "--num_cases",
+        "1",
+        "--shape",
+        "16",
+    ]
     bad = subprocess.run([*cmd, "--with_labels", "false"], capture_output=True, text=True, timeout=120, env=ENV)
     assert bad.returncode == 1 and bad.stderr.splitlines() == [
         "error: --with_labels false is not a boolean ('false'); write --with_labels True or --with_labels False "

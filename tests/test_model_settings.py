@@ -29,7 +29,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from ignite.engine import Engine
 from monai.bundle import ConfigParser
 
 from brats_pipeline.bundle import command_line
@@ -131,7 +130,9 @@ def test_wiring_differs_between_bundles_only_in_paper_keys():
 # --- in-process -----------------------------------------------------------------------------------------------------
 
 
-def test_record_written_when_training_starts(tmp_path):
+def test_record_written_when_called(tmp_path):
+    """The file's content; ``TrainingRun`` calls the record each time it writes ``model.pt``
+    (``test_checkpointing.py``), not when training starts: it is no engine handler."""
     settings = {"network_width": 8, "roi_size": (16, 16, 16), "scale": np.float32(0.5), "t": torch.tensor(3)}
     assert settings_record(settings) == {
         "format": 1,
@@ -142,11 +143,9 @@ def test_record_written_when_training_starts(tmp_path):
         "t": 3,
     }
     record = ModelSettingsRecord(tmp_path / "models", settings)
-    engine = Engine(lambda e, b: None)
-    record.attach(engine)
-    record.attach(engine)  # once
+    assert not hasattr(record, "attach")
     assert not (tmp_path / "models").exists()
-    engine.run([0], max_epochs=1)
+    assert record() == tmp_path / "models" / SETTINGS_NAME
     written = json.loads((tmp_path / "models" / SETTINGS_NAME).read_text())
     assert written["network_width"] == 8 and written["channels"] == list(CHANNELS)
     assert [p.name for p in (tmp_path / "models").iterdir()] == [SETTINGS_NAME]  # no temporary file left
@@ -263,7 +262,10 @@ def test_config_arguments_of_the_shipped_train_json(bundle):
     assert "_requires_" not in net and net["in_channels"] == 4
     if bundle == "segresnet_vae":
         assert net["init_filters"] == 8 and net["out_channels"] == 3 and net["vae_input_size"] == ROI[bundle]
-        assert norm == {"_target_": "brats_pipeline.transforms.preprocessing.NormalizeNonzeroIntensityd", "keys": "image"}
+        assert norm == {
+            "_target_": "brats_pipeline.transforms.preprocessing.NormalizeNonzeroIntensityd",
+            "keys": "image",
+        }
     else:
         assert net["channels"] == [4, 8, 32, 64] and net["out_channels"] == 4
         assert norm == {"_target_": "ScaleIntensityd", "keys": "image", "channel_wise": True}  # min-max to [0, 1]
@@ -419,7 +421,7 @@ def test_evaluate_uses_the_trained_width(trained):
     proc = bundle_run(root, bundle, "evaluate", *args, "--progress", "False", config_files=configs)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "Restored all variables from" in proc.stdout  # model.pt, at the trained width
-    scored = json.loads((bundle_dir / "eval" / "metrics_summary.json").read_text())
+    scored = json.loads((bundle_dir / "eval" / "train_data-fold0" / "brats2023" / "metrics_summary.json").read_text())
     assert scored, "evaluate.json wrote no scores"
     proc = bundle_run(root, bundle, "evaluate", *args, "--network_width", "16", config_files=configs)
     assert "--network_width 16 does not match the trained model" in error_line(proc)

@@ -255,3 +255,48 @@ def test_real_case_prediction_written_in_input_geometry(tmp_path):
     dice = 2 * (predicted & bright).sum() / (predicted.sum() + bright.sum())
     assert bright.sum() > 1000
     assert dice > 0.99, "labels land on the bright voxels of the input file's own grid"
+
+
+class RecordingRun:
+    """Stands for ``PredictionRun``: its output folder and overwrite rule, and the cases recorded as written."""
+
+    def __init__(self, prediction_dir: Path, overwrite: bool = False) -> None:
+        self.prediction_dir, self.overwrite, self.recorded = prediction_dir, overwrite, []
+
+    def record_written(self, case_id: str) -> None:
+        # the label map is in place when its record is written
+        assert (self.prediction_dir / f"{case_id}.nii.gz").is_file()
+        self.recorded.append(case_id)
+
+
+def test_each_written_label_map_is_recorded_at_once(tmp_path):
+    run = RecordingRun(tmp_path / "preds")
+    saver = SaveLabelMapd(prediction_run=run)
+    assert saver.output_dir == tmp_path / "preds" and saver.overwrite is False
+    saver({"pred": label_metatensor(), "case_id": "c1"})
+    assert run.recorded == ["c1"]
+    saver({"pred": label_metatensor(), "case_id": "c1"})  # exists, not overwritten: nothing new to record
+    assert run.recorded == ["c1"]
+    assert SaveLabelMapd(prediction_run=RecordingRun(tmp_path, overwrite=True)).overwrite is True  # the run's rule
+    assert SaveLabelMapd(output_dir=tmp_path / "x", prediction_run=run).output_dir == tmp_path / "x"
+
+
+def test_ctrl_c_while_writing_waits_for_the_record(tmp_path, monkeypatch):
+    """A SIGINT that arrives while the label map is being written is raised once the file and its record are both
+    done: never a label map without its line in predictions.json."""
+    import signal
+
+    from brats_pipeline.inference import writers
+
+    real = writers.write_nifti_atomic
+
+    def write_then_interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of the write
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(writers, "write_nifti_atomic", write_then_interrupted)
+    run = RecordingRun(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        SaveLabelMapd(prediction_run=run)({"pred": label_metatensor(), "case_id": "c2"})
+    assert (tmp_path / "c2.nii.gz").is_file() and run.recorded == ["c2"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's handler is back

@@ -14,30 +14,46 @@ of a config's ``initialize`` list, fix this:
   (MONAI would take the overlay's folder for the bundle's).
 * :func:`install_error_handler` sets ``sys.excepthook`` so that a user mistake (:data:`USER_ERRORS`, found through
   MONAI's "Failed to instantiate/evaluate" wrappers) prints ``error: <one line>`` and exits with status 1; every
-  other exception keeps Python's traceback, and ``BRATS_DEBUG=1`` restores the traceback for all of them.
+  other exception keeps Python's traceback, and ``BRATS_DEBUG=1`` restores the traceback for all of them. A
+  ``KeyboardInterrupt`` (Ctrl-C) prints one line instead of its traceback: what the run finished and how to go on
+  (:func:`interrupt_message`, from the run objects registered with :func:`report_interrupts_with`: ``TrainingRun``,
+  ``PredictionRun``); the process still ends by SIGINT, as Python does (a shell's exit status 130).
+* :func:`check_output_folders` refuses an output folder that cannot be written (one ``error:`` line) before any
+  data or model is loaded.
 
-Every config runs both as its first ``initialize`` step, :func:`guard_bundle_run` (a downloaded bundle has this
-package under ``scripts/``, which is on ``sys.path`` only once ``@bundle_code`` ran, hence ``_requires_``)::
+Every config runs the first two as its first ``initialize`` step, :func:`guard_bundle_run` (a downloaded bundle has
+this package under ``scripts/``, which is on ``sys.path`` only once ``@bundle_code`` ran, hence ``_requires_``), and
+the folder check as its second::
 
     "initialize": [
         {"_target_": "brats_pipeline.bundle.command_line.guard_bundle_run", "_requires_": "@bundle_code"},
+        {"_target_": "brats_pipeline.bundle.command_line.check_output_folders", "folders": ["@prediction_dir"]},
         ...
     ]
 
-Both do nothing in a process that is not ``python -m monai.bundle`` (``ConfigWorkflow`` or ``monai.bundle.run``
-called from Python), unless given ``argv`` / ``force=True``.
+The first two do nothing in a process that is not ``python -m monai.bundle`` (``ConfigWorkflow`` or
+``monai.bundle.run`` called from Python), unless given ``argv`` / ``force=True``; the folder check always runs.
+
+:class:`InterruptGuard` keeps a Ctrl-C from being handled as an error by an Ignite engine's ``EXCEPTION_RAISED``
+handlers (MONAI's ``StatsHandler`` logs its traceback, the case report would record it as a bad case), and
+:func:`interrupts_deferred` holds a Ctrl-C back while a file and its record are written together.
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
+import logging
 import os
 import re
+import signal
 import sys
+import threading
 import traceback
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -57,13 +73,19 @@ __all__ = [
     "RUN_PARAMETERS",
     "USER_ERRORS",
     "CommandLineError",
+    "InterruptGuard",
+    "OutputFolderError",
     "UserError",
     "Override",
     "check_command_line",
+    "check_output_folders",
     "fire_command",
     "guard_bundle_run",
     "install_error_handler",
+    "interrupt_message",
+    "interrupts_deferred",
     "parse_command_line",
+    "report_interrupts_with",
     "user_error_message",
 ]
 
@@ -96,6 +118,10 @@ class UserError(ValueError):
 
 class CommandLineError(UserError):
     """An override on the ``monai.bundle`` command line that would be ignored or misread."""
+
+
+class OutputFolderError(UserError):
+    """An output folder of the run cannot be created or written (:func:`check_output_folders`)."""
 
 
 #: exception types reported as one line by :func:`install_error_handler`, with their subclasses (``CaseError`` and
@@ -543,7 +569,13 @@ _previous_hook: Callable[[type[BaseException], BaseException, TracebackType | No
 
 
 def _excepthook(exc_type: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
-    message = None if os.environ.get(DEBUG_ENV, "") not in ("", "0") else user_error_message(error)
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    if issubclass(exc_type, KeyboardInterrupt) and not debug:
+        sys.stdout.flush()
+        sys.stderr.write(f"{interrupt_message()}\n")
+        sys.stderr.flush()
+        return  # Python then ends the process by SIGINT (status 130 in a shell), as for any unhandled Ctrl-C
+    message = None if debug else user_error_message(error)
     if message is None:
         (_previous_hook or sys.__excepthook__)(exc_type, error, tb)
         return
@@ -557,7 +589,9 @@ def install_error_handler(force: bool = False) -> None:
 
     User mistakes are :data:`USER_ERRORS` (a dataset folder that is missing, empty or holds bad cases, label values
     outside the convention, a missing file or checkpoint, a refused override) and a checkpoint whose tensors do not
-    fit the network (``load_state_dict``'s size mismatch: the first tensor and both shapes are named). Setting the
+    fit the network (``load_state_dict``'s size mismatch: the first tensor and both shapes are named). A
+    ``KeyboardInterrupt`` (Ctrl-C) is one line too, :func:`interrupt_message` (what was finished, what was not, how
+    to go on); Python then ends the process by SIGINT, which a shell reports as exit status 130. Setting the
     environment variable ``BRATS_DEBUG=1`` restores full tracebacks. ``SystemExit`` (e.g.
     :class:`~brats_pipeline.data.screening.CasesFailedError`) never reaches the hook and keeps its own behaviour.
 
@@ -586,8 +620,146 @@ def guard_bundle_run() -> None:
     :func:`check_command_line` (both do nothing outside ``python -m monai.bundle``)::
 
         "initialize": [{"_target_": "brats_pipeline.bundle.command_line.guard_bundle_run", "_requires_": "@bundle_code"},
+                       {"_target_": "brats_pipeline.bundle.command_line.check_output_folders",
+                        "folders": ["@prediction_dir"]},
                        ...]
+
+    The second step, :func:`check_output_folders`, refuses an output folder that cannot be written before any data
+    or model is loaded.
     """
     install_error_handler()
     check_command_line()
 
+
+# --- output folders ----------------------------------------------------------------------------------------------
+
+
+def check_output_folders(folders: Iterable[str | os.PathLike | None] | str | os.PathLike) -> None:
+    """Refuse, in one line, an output folder that this process cannot create or write into.
+
+    An existing folder must be a folder with write and search permission (``os.access``; it also reports a read-only
+    file system); a folder that does not exist yet must be creatable: its nearest existing parent must be a writable
+    folder. Nothing is created. ``None`` entries are skipped. (``os.access`` grants everything to root, as the
+    kernel does: a root process can write a folder of mode ``0o555``.)
+
+    The configs run it as the second ``initialize`` step (``train.json``: ``ckpt_dir``, ``log_dir`` and the
+    persistent cache; ``inference.json``: ``prediction_dir``).
+
+    Raises:
+        OutputFolderError: ``output folder X is not writable``, with the reason when the folder does not exist yet.
+    """
+    if isinstance(folders, (str, os.PathLike)):
+        folders = [folders]
+    for folder in folders:
+        if folder is None or str(folder) == "":
+            continue
+        path = Path(os.path.abspath(os.fspath(folder)))
+        existing = path
+        while not os.path.exists(existing) and existing.parent != existing:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise OutputFolderError(f"output folder {folder} is not writable ({existing} is a file, not a folder)")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            where = "" if existing == path else f" (cannot create it in {existing})"
+            raise OutputFolderError(f"output folder {folder} is not writable{where}")
+
+
+# --- interrupts (Ctrl-C) -----------------------------------------------------------------------------------------
+
+#: the run objects' reporters, oldest first (weak references: a finished run's objects may be freed)
+_interrupt_reporters: list[Callable[[], Callable[[], str | None] | None]] = []
+#: what an interrupt says when no run object has anything to say (during parsing or data preparation, or a workflow
+#: without one, e.g. ``evaluate.json``)
+DEFAULT_INTERRUPT_MESSAGE = "interrupted; rerun the same command to run it again"
+
+
+def report_interrupts_with(reporter: Callable[[], str | None]) -> None:
+    """Register ``reporter``, which returns the line an interrupt (Ctrl-C) prints, or ``None`` to leave it to an
+    earlier one. The latest registered reporter speaks first. A bound method is held weakly (its object is not kept
+    alive by this registry)."""
+    if inspect.ismethod(reporter):
+        ref: Callable[[], Callable[[], str | None] | None] = weakref.WeakMethod(reporter)
+    else:
+        ref = lambda: reporter  # noqa: E731
+    _interrupt_reporters[:] = [r for r in _interrupt_reporters if r() is not None]  # forget freed runs
+    _interrupt_reporters.append(ref)
+
+
+def interrupt_message() -> str:
+    """The one line a Ctrl-C prints: the latest registered reporter's (:func:`report_interrupts_with`), else
+    :data:`DEFAULT_INTERRUPT_MESSAGE`. A reporter that fails is skipped: the line must always be printed."""
+    for ref in reversed(_interrupt_reporters):
+        reporter = ref()
+        if reporter is None:
+            continue
+        try:
+            message = reporter()
+        except Exception:  # a broken reporter must not hide the interrupt behind a traceback
+            continue
+        if message:
+            return _one_line(message)
+    return DEFAULT_INTERRUPT_MESSAGE
+
+
+def _is_interrupt(error: BaseException | None) -> bool:
+    """A Ctrl-C (``KeyboardInterrupt``) or another ``BaseException`` that is no error of the work (``SystemExit``,
+    ``GeneratorExit``): never a failed case, never logged as an engine failure."""
+    return isinstance(error, BaseException) and not isinstance(error, Exception)
+
+
+class _InterruptLogFilter(logging.Filter):
+    """Drops Ignite's ``Engine run is terminating due to exception: `` line while an interrupt is handled."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_is_interrupt(sys.exc_info()[1]) and "terminating due to exception" in record.getMessage())
+
+
+_INTERRUPT_LOG_FILTER = _InterruptLogFilter()
+
+
+class InterruptGuard:
+    """Ignite handler: an interrupt (Ctrl-C) leaves the engine at once, untouched by its other ``EXCEPTION_RAISED``
+    handlers (MONAI's ``StatsHandler`` would log its traceback, a ``CaseFailureReport`` record it as a bad case), and
+    without Ignite's ``Engine run is terminating due to exception`` log line. Errors (``Exception``) go on to those
+    handlers as before. The handler puts itself first among the engine's ``EXCEPTION_RAISED`` handlers, whenever it
+    is attached; the one line the interrupt prints comes from :func:`install_error_handler`.
+    """
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        if not engine.has_event_handler(self, Events.EXCEPTION_RAISED):
+            engine.add_event_handler(Events.EXCEPTION_RAISED, self)
+            handlers = getattr(engine, "_event_handlers", {}).get(Events.EXCEPTION_RAISED)
+            if isinstance(handlers, list) and len(handlers) > 1 and handlers[-1][0] is self:
+                handlers.insert(0, handlers.pop())  # Ignite calls them in order: first, whenever attached
+        engine.logger.addFilter(_INTERRUPT_LOG_FILTER)
+
+    def __call__(self, engine: Any, error: BaseException) -> None:
+        from ignite.engine import Events
+
+        if _is_interrupt(error):
+            raise error
+        handlers = getattr(engine, "_event_handlers", {}).get(Events.EXCEPTION_RAISED, [])
+        if not any(entry[0] is not self for entry in handlers):
+            raise error  # no other handler: Ignite would have raised it itself
+
+
+@contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold back a Ctrl-C (SIGINT) until the block has finished: for writes that must happen together (a label map
+    and its line in ``predictions.json``). The ``KeyboardInterrupt`` is raised when the block ends. Only in the main
+    thread and while Python's own SIGINT handler is installed; elsewhere the block runs unchanged."""
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    received: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt

@@ -2,8 +2,10 @@
 
 ``model.pt`` stays a raw state dict (it loads strictly into the bundle's inference network, MONAI's plain
 ``SegResNet`` for segresnet_vae: the Model Zoo convention), so everything else a model depends on travels beside it
-as JSON. :class:`~brats_pipeline.training.run.TrainingRun` writes the file (rank 0, atomically) when training starts,
-from its ``settings`` argument, which ``train.json`` fills from its own keys::
+as JSON. :class:`~brats_pipeline.training.run.TrainingRun` writes the file (rank 0, atomically) each time it writes
+``model.pt`` (just before the weights take their name, so the two never describe different runs; a run that writes no
+``model.pt`` writes no settings either), from its ``settings`` argument, which ``train.json`` fills from its own
+keys::
 
     {
       "format": 1,
@@ -49,7 +51,7 @@ from typing import Any
 
 from brats_pipeline.bundle.command_line import CommandLineError, Override, parse_command_line
 from brats_pipeline.data.layouts import CHANNELS
-from brats_pipeline.training.records import StartRecord
+from brats_pipeline.training.records import JsonRecord
 
 __all__ = [
     "SETTINGS_FORMAT",
@@ -120,8 +122,9 @@ def settings_record(settings: Mapping[str, Any]) -> dict[str, Any]:
     return record
 
 
-class ModelSettingsRecord(StartRecord):
-    """Trainer handler: when training starts, write ``ckpt_dir/model_settings.json`` (rank 0, atomically).
+class ModelSettingsRecord(JsonRecord):
+    """``ckpt_dir/model_settings.json``, written (rank 0, atomically) when called: ``TrainingRun`` calls it each time
+    it writes ``model.pt``.
 
     Args:
         ckpt_dir: the checkpoint folder (``@ckpt_dir``), where ``model.pt`` is written.
@@ -550,4 +553,3 @@ class TrainedSettings(Mapping[str, Any]):
 
 def _is_expression(value: Any) -> bool:
     return isinstance(value, str) and value.startswith(_EXPRESSION_PREFIXES)
-

@@ -2,10 +2,14 @@
 
 ``inference.json`` never recomputes a case whose label map is already in ``prediction_dir`` (unless ``overwrite``):
 :class:`ExistingPredictions` drops those cases before screening and loading. It also keeps a record,
-``prediction_dir/predictions.json``, of the model that wrote each case (SHA-256 of the checkpoint files), so a second
-run with another model says how many kept files came from a different model instead of mixing two models' outputs
-silently. :class:`InferenceSummary` prints the end-of-run line: written, kept, failed, and the label convention and
-enhancing-tumor value of the written maps. :class:`PredictionRun` wires the three for ``inference.json``.
+``prediction_dir/predictions.json``, of the model that wrote each case (SHA-256 of the checkpoint files), updated
+(atomically) as each label map is written (``SaveLabelMapd(prediction_run=...)`` calls
+:meth:`PredictionRun.record_written`, with Ctrl-C held back until both are done), so a run that is interrupted or
+killed leaves no label map without its record. A second run with another model then says how many kept files came
+from a different model, or from a model it has no record of, instead of mixing two models' outputs silently.
+:class:`InferenceSummary` prints the end-of-run line: written, kept, failed, and the label convention and
+enhancing-tumor value of the written maps. :class:`PredictionRun` wires the three for ``inference.json``; a Ctrl-C
+prints its :meth:`PredictionRun.interrupt_message` (``interrupted: K of N cases written to ...``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from brats_pipeline.atomic_files import write_json_atomic
+from brats_pipeline.bundle.command_line import InterruptGuard, report_interrupts_with
 from brats_pipeline.data.datalist import find_cases
 from brats_pipeline.data.layouts import entry_case_id
 from brats_pipeline.data.screening import ScreenedCases
@@ -68,6 +73,11 @@ class ExistingPredictions:
         self.model = {str(p): file_sha256(p) for p in model_files if Path(p).is_file()}
         self.kept: list[str] = []
         self.kept_from_other_model: list[str] = []
+        #: kept cases that ``predictions.json`` has no entry for (written before the record, or by a writer
+        #: without it): their model is unknown
+        self.kept_unrecorded: list[str] = []
+        #: the cases this run wrote and recorded, in order (:meth:`record_written`)
+        self.recorded: list[str] = []
         self.started = time.time()
 
     def output_of(self, case_id: str) -> Path:
@@ -92,7 +102,10 @@ class ExistingPredictions:
             case_id = entry_case_id(entry)
             if "case_error" not in entry and self.output_of(case_id).is_file():
                 self.kept.append(case_id)
-                if self.model and previous.get(case_id, {}).get("model") not in (None, self.model):
+                model = (previous.get(case_id) or {}).get("model")
+                if self.model and model is None:
+                    self.kept_unrecorded.append(case_id)
+                elif self.model and model != self.model:
                     self.kept_from_other_model.append(case_id)
                 continue
             out.append(dict(entry))
@@ -105,10 +118,21 @@ class ExistingPredictions:
         return out
 
     def written(self, case_ids: Iterable[str]) -> list[str]:
-        """The cases of ``case_ids`` whose output was written by this run."""
+        """The cases of ``case_ids`` whose output was written by this run (recorded as written, or newer than the
+        run's start)."""
+        recorded = set(self.recorded)
         return [
-            c for c in case_ids if self.output_of(c).is_file() and self.output_of(c).stat().st_mtime >= self.started
+            c
+            for c in case_ids
+            if c in recorded or (self.output_of(c).is_file() and self.output_of(c).stat().st_mtime >= self.started)
         ]
+
+    def record_written(self, case_id: str) -> None:
+        """Record in ``predictions.json`` (atomically) that this run's model wrote ``case_id``'s label map, as soon as
+        it is written."""
+        self.update_record([case_id])
+        if case_id not in self.recorded:
+            self.recorded.append(case_id)
 
     def update_record(self, written: Sequence[str]) -> None:
         """Add this run's model to ``predictions.json`` for the ``written`` cases."""
@@ -140,7 +164,7 @@ class InferenceSummary:
     def __call__(self) -> dict[str, Any]:
         accepted = [entry_case_id(e) for e in self.report.accepted]
         written = self.existing.written(accepted)
-        self.existing.update_record(written)
+        self.existing.update_record([c for c in written if c not in self.existing.recorded])  # a writer without it
         conv = get_convention(self.label_convention)
         labels = f"label convention {conv.name}: enhancing tumor = {conv.enhancing}" + (
             ", resection cavity = 4" if self.include_rc else ""
@@ -157,6 +181,13 @@ class InferenceSummary:
                 f" model ({', '.join(self.existing.kept_from_other_model[:5])}"
                 f"{' ...' if len(self.existing.kept_from_other_model) > 5 else ''}); --overwrite True to replace them"
             )
+        if self.existing.kept_unrecorded:
+            unknown = self.existing.kept_unrecorded
+            lines.append(
+                f"  WARNING: {len(unknown)} kept prediction(s) have no record of the model that wrote them in "
+                f"{RECORD_NAME} ({', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}); --overwrite True "
+                "to replace them"
+            )
         if self.report.failures:
             lines.append(f"  {len(self.report.failed_cases)} case(s) failed: see the list below")
         print("\n".join(lines), flush=True)
@@ -164,6 +195,7 @@ class InferenceSummary:
             "written": written,
             "kept": list(self.existing.kept),
             "kept_from_other_model": list(self.existing.kept_from_other_model),
+            "kept_unrecorded": list(self.existing.kept_unrecorded),
             "failed": self.report.failed_cases,
         }
 
@@ -174,14 +206,18 @@ class PredictionRun:
     The cases of ``dataset_dir`` (every layout :func:`~brats_pipeline.data.datalist.find_cases` recognises, unusable
     case folders included) less those already predicted (:class:`ExistingPredictions`), screened
     (:func:`~brats_pipeline.data.screening.screen_cases`): :attr:`cases` is what the evaluator runs; :attr:`report`
-    is the Ignite handler that records a case failing during the run; :meth:`finish` prints the summary
-    (:class:`InferenceSummary`) and ends a run with bad cases with a non-zero exit status::
+    is the Ignite handler that records a case failing during the run; :attr:`interrupt_guard` keeps a Ctrl-C from
+    being recorded as a failed case; ``SaveLabelMapd(prediction_run=...)`` writes into :attr:`prediction_dir` and
+    records each label map in ``predictions.json`` as it is written (:meth:`record_written`); :meth:`finish` prints
+    the summary (:class:`InferenceSummary`) and ends a run with bad cases with a non-zero exit status. A Ctrl-C prints
+    :meth:`interrupt_message`::
 
         "prediction_run": {"_target_": "brats_pipeline.inference.runs.PredictionRun", "dataset_dir": "@dataset_dir",
                            "prediction_dir": "@prediction_dir", "overwrite": "@overwrite", "strict": "@strict",
                            "model_files": "$[@ckpt_dir + '/model.pt'] + list(@ensemble_checkpoints)"},
         "dataset": {"_target_": "Dataset", "data": "$@prediction_run.cases", ...},
-        "handlers": [..., "$@prediction_run.report", ...],
+        "postprocessing": ..., {"_target_": "...SaveLabelMapd", "keys": "pred", "prediction_run": "@prediction_run"}
+        "handlers": [..., "$@prediction_run.report", ..., "$@prediction_run.interrupt_guard"],
         "finalize": ["$@prediction_run.finish(@include_rc)"]
 
     Args:
@@ -206,17 +242,45 @@ class PredictionRun:
         self.label_convention = next(
             (c["label_convention"] for c in self.all_cases if "label_convention" in c), "brats2018"
         )
-        self.screened = ScreenedCases(self.existing.pending(self.all_cases), strict)
+        # labels are ignored at inference: a missing, corrupt or mismatched label file does not reject a case
+        pending = [{k: v for k, v in c.items() if k != "label"} for c in self.existing.pending(self.all_cases)]
+        self.screened = ScreenedCases(pending, strict)
         self.report = self.screened.report
+        #: Ignite handler for the evaluator: a Ctrl-C is no failed case (it goes first among the exception handlers)
+        self.interrupt_guard = InterruptGuard()
+        report_interrupts_with(self.interrupt_message)
+
+    @property
+    def prediction_dir(self) -> Path:
+        """The output folder of the label maps."""
+        return self.existing.prediction_dir
+
+    @property
+    def overwrite(self) -> bool:
+        """Whether existing label maps are recomputed and replaced."""
+        return self.existing.overwrite
 
     @property
     def cases(self) -> list[dict]:
         """The good cases without a label map yet, in order (screened once)."""
         return self.screened.cases
 
+    def record_written(self, case_id: str) -> None:
+        """Record that this run's model wrote ``case_id``'s label map (``predictions.json``, atomically); called by
+        ``SaveLabelMapd`` right after the file is in place."""
+        self.existing.record_written(case_id)
+
+    def interrupt_message(self) -> str:
+        """The line a Ctrl-C prints: how many of this run's cases were written, and how to finish the rest."""
+        todo = len(self.screened._cases) if self.screened._cases is not None else len(self.screened.entries)
+        kept = f" ({len(self.existing.kept)} kept from before)" if self.existing.kept else ""
+        return (
+            f"interrupted: {len(self.existing.recorded)} of {todo} cases written to {self.prediction_dir}{kept}; "
+            "rerun the same command to finish the rest"
+        )
+
     def finish(self, include_rc: bool = False) -> dict[str, Any]:
         """Print the run's summary and return it; raise (exit status 1) when cases failed."""
         summary = InferenceSummary(self.existing, self.report, self.label_convention, include_rc)()
         self.report.raise_if_failed()
         return summary
-

@@ -10,7 +10,9 @@ Each file appears whole or not at all: it is written with :func:`brats_pipeline.
 temporary file ``.<name>.<random>.tmp`` in the output folder, never ending in ``.nii.gz``, flushed to disk, then
 renamed; an existing file is kept unless ``overwrite``). An interrupted run therefore never leaves a truncated
 ``<case_id>.nii.gz`` that a later evaluation would read; a hard kill can leave the hidden temporary file, which no
-output pattern matches.
+output pattern matches. Given the inference run (``prediction_run``, a
+:class:`~brats_pipeline.inference.runs.PredictionRun`), each label map is recorded in ``predictions.json`` as soon as
+it is written, with Ctrl-C held back until both are done (:func:`~brats_pipeline.bundle.command_line.interrupts_deferred`).
 
 MONAI's ``SaveImaged`` is not used because it writes in place (a crash leaves a truncated file) and
 overwrites existing outputs.
@@ -35,6 +37,7 @@ from monai.transforms import MapTransform
 from monai.utils import convert_to_numpy, look_up_option
 
 from brats_pipeline.atomic_files import atomic_write
+from brats_pipeline.bundle.command_line import interrupts_deferred
 from brats_pipeline.data.layouts import NIFTI_SUFFIXES, case_id_from_path, split_nifti_suffix
 
 logger = logging.getLogger(__name__)
@@ -103,7 +106,6 @@ def write_nifti_atomic(
     return save_nifti_atomic(img, path, overwrite=overwrite, compresslevel=compresslevel, fsync=fsync)
 
 
-
 def _meta_of(value: Any) -> dict:
     return dict(value.meta) if isinstance(value, MetaTensor) else {}
 
@@ -124,14 +126,15 @@ class SaveLabelMapd(MapTransform):
 
     Args:
         keys: the key of the label map (exactly one).
-        output_dir: folder for the outputs (created if missing).
+        output_dir: folder for the outputs (created if missing); default: ``prediction_run``'s ``prediction_dir``,
+            else ``predictions``.
         output_postfix: appended to the case id (``""`` gives the BraTS submission naming ``<case_id>.nii.gz``).
         output_ext: ``".nii.gz"`` or ``".nii"``.
         case_id_key: data key holding the case id; when missing, the id is derived from the file name of the
             label map's or ``image_key``'s metadata (:func:`~brats_pipeline.data.layouts.case_id_from_path`).
         image_key: key whose metadata gives the file name when ``case_id_key`` is missing.
         overwrite: replace existing outputs; otherwise an existing file is kept and the case is skipped with an
-            INFO log line.
+            INFO log line. Default: ``prediction_run``'s ``overwrite``, else ``False``.
         label_dtype: on-disk type of the label map; values must be integers that fit it.
         check_geometry: raise when the label map's shape or affine differs from the input's (the metadata's
             ``spatial_shape``/``original_affine``): usually a missing ``Invertd``.
@@ -148,17 +151,20 @@ class SaveLabelMapd(MapTransform):
             created).
         xform_code: qform/sform code of the written files (1 = scanner, as the BraTS releases).
         allow_missing_keys: skip silently when the label key is missing.
+        prediction_run: the inference run (``@prediction_run``, an object with ``prediction_dir``, ``overwrite`` and
+            ``record_written(case_id)``): each written label map is recorded in its ``predictions.json`` at once,
+            and a Ctrl-C waits until the file and its record are both written.
     """
 
     def __init__(
         self,
         keys: KeysCollection = "pred",
-        output_dir: str | os.PathLike = "predictions",
+        output_dir: str | os.PathLike | None = None,
         output_postfix: str = "",
         output_ext: str = ".nii.gz",
         case_id_key: str = "case_id",
         image_key: str = "image",
-        overwrite: bool = False,
+        overwrite: bool | None = None,
         label_dtype: DtypeLike = np.uint8,
         check_geometry: bool = True,
         save_probabilities: bool = False,
@@ -168,8 +174,14 @@ class SaveLabelMapd(MapTransform):
         timestamp_key: str | None = "start_time",
         xform_code: int = 1,
         allow_missing_keys: bool = False,
+        prediction_run: Any = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        if output_dir is None:
+            output_dir = getattr(prediction_run, "prediction_dir", None) or "predictions"
+        if overwrite is None:
+            overwrite = bool(getattr(prediction_run, "overwrite", False))
+        self.prediction_run = prediction_run
         if len(self.keys) != 1:
             raise ValueError(f"SaveLabelMapd writes one label map per case; got keys {self.keys}")
         output_ext = look_up_option(output_ext, NIFTI_SUFFIXES)
@@ -272,20 +284,25 @@ class SaveLabelMapd(MapTransform):
             case_id = self.case_id(d, key)
             label = self._label_array(d[key], case_id)
             affine = self._geometry(d[key], case_id, label.shape)
-            written = (
-                [self.output_path(case_id)]
-                if self._write(label, affine, self.output_path(case_id), self.label_dtype)
-                else []
-            )
+            prob = None
             if self.save_probabilities:
                 prob = np.asarray(convert_to_numpy(d[self.prob_key]), dtype=np.float32)
                 if prob.ndim != 4 or prob.shape[1:] != label.shape:
                     raise ValueError(
                         f"case {case_id}: probabilities {prob.shape} do not match the label map {label.shape}"
                     )
-                prob_path = self.output_path(case_id, self.prob_postfix)
-                if self._write(np.moveaxis(prob, 0, -1), affine, prob_path, self.prob_dtype):
-                    written.append(prob_path)
+            with interrupts_deferred():  # the files and their record in predictions.json, or none of them
+                written = (
+                    [self.output_path(case_id)]
+                    if self._write(label, affine, self.output_path(case_id), self.label_dtype)
+                    else []
+                )
+                if prob is not None:
+                    prob_path = self.output_path(case_id, self.prob_postfix)
+                    if self._write(np.moveaxis(prob, 0, -1), affine, prob_path, self.prob_dtype):
+                        written.append(prob_path)
+                if written and self.prediction_run is not None:
+                    self.prediction_run.record_written(case_id)
             self._log_time(d, case_id, written)
         return d
 

@@ -77,8 +77,8 @@ REQUIRED_FILES = (
 #: our packages that the configs name by ``_target_``; the modules a bundle runs are copied under ``scripts/``
 VENDORED_PACKAGES = ("brats_pipeline", "custom_networks")
 _DOTTED_NAME = re.compile(rf"\b(?:{'|'.join(VENDORED_PACKAGES)})(?:\.[A-Za-z_]\w*)*")
-#: folders of a working bundle that never travel (training outputs, logs, the persistent data cache)
-SKIPPED_FOLDERS = ("eval", "logs", "runs", "cache", "__pycache__")
+#: folders of a working bundle that never travel (training outputs, logs, the persistent data cache, earlier runs)
+SKIPPED_FOLDERS = ("eval", "logs", "runs", "cache", "previous", "__pycache__")
 #: files of a working bundle that never travel: the resume checkpoints a training run leaves in ``models/``
 SKIPPED_FILES = re.compile(r".*_checkpoint_(epoch|iteration)=\d+\.pt")
 WEIGHTS = "models/model.pt"

@@ -15,8 +15,14 @@ The bundle's trainer saves ``{prefix}_checkpoint_epoch=N.pt`` after every epoch 
 * **Finding and loading the latest file:** :func:`latest_checkpoint` and the handler :class:`ResumeFromCheckpoint`,
   which wraps MONAI's :class:`~monai.handlers.CheckpointLoader` at ``Events.STARTED``. The loader calls
   ``Engine.load_state_dict`` (iteration, epoch_length), so ``engine.state.epoch`` becomes the saved epoch and the run
-  continues with the next one; ``max_epochs`` stays the one of the new run. Without resuming it warns when an
-  earlier run's checkpoint is present; the saver prunes such files once the new run has saved (``prune_stale``).
+  continues with the next one; ``max_epochs`` stays the one of the new run.
+* **Runs that never mix:** a run that starts from scratch (no ``--resume True``, or nothing to resume from) first
+  moves what an earlier run left in the checkpoint folder (``model.pt`` with ``model_settings.json`` and
+  ``cases.json``, its exports, its ``last_*`` checkpoints) into ``previous/<time>/`` (:class:`ArchiveEarlierRun`),
+  so nothing of that run is deleted or reported as the new run's. ``model.pt`` and the files that describe it are
+  written together: the key-metric saver and :class:`FinalModelSaver` call ``before_publish`` (which writes
+  ``model_settings.json`` and ``cases.json``) after the weights are in the temporary file and before it takes the
+  name ``model.pt``.
 
 What a resumed run reproduces exactly (single process, same data, same code): weights, optimizer moments, learning
 rate, epoch counter, best metric, the data order (``RandomSampler`` draws its seed from the torch CPU generator) and
@@ -33,7 +39,8 @@ import logging
 import os
 import random
 import re
-from collections.abc import Callable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +64,9 @@ __all__ = [
     "GradScalerState",
     "latest_checkpoint",
     "ResumeFromCheckpoint",
+    "ArchiveEarlierRun",
+    "FinalModelSaver",
+    "MODEL_FILES",
 ]
 
 logger = logging.getLogger(__name__)
@@ -85,13 +95,24 @@ class AtomicDiskSaver(DiskSaver):
         filename: fixed file name used for every save and removal (MONAI's ``final_filename`` /
             ``key_metric_filename``); ``None`` keeps Ignite's generated names.
         fsync: flush file and folder to disk before returning (survives power loss, not only a killed process).
+        before_publish: called once the checkpoint is complete in its temporary file and before it takes its name
+            (e.g. to write the files that describe ``model.pt``); if it raises, the new file is dropped and the old
+            one kept.
         kwargs: passed to ``torch.save``.
     """
 
-    def __init__(self, dirname: str | os.PathLike, filename: str | None = None, fsync: bool = True, **kwargs: Any):
+    def __init__(
+        self,
+        dirname: str | os.PathLike,
+        filename: str | None = None,
+        fsync: bool = True,
+        before_publish: Callable[[], Any] | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(dirname=dirname, atomic=True, create_dir=True, require_empty=False, **kwargs)
         self.filename = filename
         self.fsync = fsync
+        self.before_publish = before_publish
         self._pending_removal: list[str] = []
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
@@ -114,6 +135,8 @@ class AtomicDiskSaver(DiskSaver):
     def _save_func(self, checkpoint: Mapping, path: Path, func: Callable) -> None:
         with atomic_write(path, "wb", fsync=self.fsync) as f:
             func(checkpoint, f, **self.kwargs)
+            if self.before_publish is not None:
+                self.before_publish()
 
 
 class AtomicCheckpointSaver(CheckpointSaver):
@@ -124,19 +147,30 @@ class AtomicCheckpointSaver(CheckpointSaver):
     ``last_checkpoint_epoch=3.pt`` with ``file_prefix="last"`` and several objects in ``save_dict``.
 
     Ignite's ``n_saved`` only counts the files written by the current process. With ``prune_stale`` the interval
-    checkpoints left by an earlier process in ``save_dir`` (the one a resumed run started from, or those of an older
-    run) and the temporary files of a save that was killed mid-write are deleted as soon as this run has written its
-    own checkpoint, so ``n_saved`` holds across restarts and :func:`latest_checkpoint` never picks a stale file once
-    the new run has saved.
+    checkpoints left by an earlier process in ``save_dir`` (in ``TrainingRun``: the one a resumed run started from;
+    a run that starts from scratch has moved an earlier run's files away first, :class:`ArchiveEarlierRun`) and the
+    temporary files of a save that was killed mid-write are deleted as soon as this run has written its own
+    checkpoint, so ``n_saved`` holds across restarts and :func:`latest_checkpoint` never picks a stale file once the
+    new run has saved.
 
     Args:
         fsync: see :class:`AtomicDiskSaver`.
         prune_stale: delete other ``{file_prefix}_{name}_{epoch|iteration}=N.pt`` files in ``save_dir`` after each
             interval save (only when ``n_saved`` is not ``None``).
+        before_publish: for the fixed-name files (``key_metric_filename``, ``final_filename``): called when the
+            weights are complete in the temporary file, before it takes the name (see :class:`AtomicDiskSaver`).
+            ``TrainingRun`` writes ``model_settings.json`` and ``cases.json`` there, so they change with ``model.pt``.
         args, kwargs: passed to ``CheckpointSaver``.
     """
 
-    def __init__(self, *args: Any, fsync: bool = True, prune_stale: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        fsync: bool = True,
+        prune_stale: bool = True,
+        before_publish: Callable[[], Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.prune_stale = prune_stale
         # MONAI 1.6 keeps its three ignite Checkpoint objects in these private attributes.
@@ -144,7 +178,10 @@ class AtomicCheckpointSaver(CheckpointSaver):
             checkpoint = getattr(self, attr, None)
             if checkpoint is not None:
                 fixed = getattr(checkpoint.save_handler, "filename", None)
-                checkpoint.save_handler = AtomicDiskSaver(self.save_dir, filename=fixed, fsync=fsync)
+                hook = before_publish if attr != "_interval_checkpoint" else None
+                checkpoint.save_handler = AtomicDiskSaver(
+                    self.save_dir, filename=fixed, fsync=fsync, before_publish=hook
+                )
 
     @property
     def key_metric_checkpoint(self):
@@ -165,7 +202,7 @@ class AtomicCheckpointSaver(CheckpointSaver):
         for path in Path(self.save_dir).iterdir():
             if (stale.match(path.name) and path.name not in kept) or leftover.match(path.name):
                 path.unlink(missing_ok=True)
-                self.logger.info(f"Deleted checkpoint file of an earlier run: {path}")
+                self.logger.info(f"Deleted superseded checkpoint file: {path}")
 
 
 def _numpy_state_to_dict(state: tuple) -> dict[str, Any]:
@@ -395,6 +432,8 @@ class ResumeFromCheckpoint:
             moves the values onto the model's and optimizer's devices).
         strict: require the checkpoint to hold exactly the keys of every object in ``load_dict``.
         name: logger name, ``engine.logger`` if ``None``.
+        warn_unused: with ``enabled=False``, warn that a checkpoint in ``ckpt_dir`` is not resumed from
+            (``TrainingRun`` says instead where :class:`ArchiveEarlierRun` moved it).
 
     Raises:
         CheckpointResumeError: at ``STARTED``, when the latest checkpoint cannot be read or loaded.
@@ -410,9 +449,11 @@ class ResumeFromCheckpoint:
         map_location: Any = "cpu",
         strict: bool = True,
         name: str | None = None,
+        warn_unused: bool = True,
     ) -> None:
         if not load_dict:
             raise ValueError("ResumeFromCheckpoint needs a non-empty load_dict.")
+        self.warn_unused = warn_unused
         self.ckpt_dir = str(ckpt_dir)
         self.load_dict = dict(load_dict)
         self.enabled = bool(enabled)
@@ -432,7 +473,7 @@ class ResumeFromCheckpoint:
     def __call__(self, engine: Engine) -> None:
         path = latest_checkpoint(self.ckpt_dir, self.prefix, self.score_name)
         if not self.enabled:
-            if path is not None:
+            if path is not None and self.warn_unused:
                 self.logger.warning(
                     f"Not resuming (resume=False): training starts from scratch although {path} exists; the "
                     "checkpoint saver replaces it with this run's checkpoints."
@@ -470,22 +511,30 @@ class FinalModelSaver:
     all labelled cases and keeps the model after 300 epochs). The file is what ``TrainingRun``'s best-model saver
     writes: the raw ``state_dict`` of ``weights`` (for segresnet_vae its ``SegmentationWeights``, which load strictly
     into a plain ``SegResNet``), written atomically (temporary file, fsync, rename). Written on rank 0 only, on
-    ``COMPLETED`` only: a run that raises (a NaN/Inf loss, a kill) leaves no ``model.pt`` behind, while a run stopped
-    early by a handler (``EarlyStopHandler``) does complete and keeps its weights of that epoch.
+    ``COMPLETED`` only: a run that raises (a NaN/Inf loss, a kill, Ctrl-C) writes no ``model.pt``, while a run
+    stopped early by a handler (``EarlyStopHandler``) does complete and keeps its weights of that epoch.
 
     Args:
         ckpt_dir: the checkpoint folder (``@ckpt_dir``).
         weights: an object with ``state_dict()``: ``@best_weights`` of the bundle.
         filename: the file name (``model.pt``, what ``inference.json`` and ``evaluate.json`` load).
         enabled: ``False`` attaches nothing (a config switch, e.g. ``"@train_on_all"``).
+        before_publish: called when the weights are complete in the temporary file, before it takes the name
+            (``TrainingRun`` writes ``model_settings.json`` and ``cases.json`` there); if it raises, no ``model.pt``.
     """
 
     def __init__(
-        self, ckpt_dir: str | os.PathLike, weights: Any, filename: str = "model.pt", enabled: bool = True
+        self,
+        ckpt_dir: str | os.PathLike,
+        weights: Any,
+        filename: str = "model.pt",
+        enabled: bool = True,
+        before_publish: Callable[[], Any] | None = None,
     ) -> None:
         self.path = Path(ckpt_dir) / filename
         self.weights = weights
         self.enabled = bool(enabled)
+        self.before_publish = before_publish
         self.saved_epoch: int | None = None
 
     def attach(self, engine: Engine) -> None:
@@ -498,5 +547,88 @@ class FinalModelSaver:
         state = {k: v.detach().cpu() for k, v in self.weights.state_dict().items()}
         with atomic_write(self.path, "wb") as f:
             torch.save(state, f)
+            if self.before_publish is not None:
+                self.before_publish()
         self.saved_epoch = int(engine.state.epoch)
         print(f"final model (weights after epoch {self.saved_epoch}) written to {self.path}", flush=True)
+
+
+#: the files that make up a trained model in the checkpoint folder: the weights, what they were trained with and on,
+#: and the exports made from them (``ckpt_export`` / ``onnx_export``); an earlier run's are moved together
+MODEL_FILES = ("model.pt", "model_settings.json", "cases.json", "model.ts", "model.onnx")
+
+
+class ArchiveEarlierRun:
+    """Trainer handler (rank 0, ``Events.STARTED``, after :class:`ResumeFromCheckpoint`): a run that starts from
+    scratch first moves what an earlier run left in ``ckpt_dir`` into ``ckpt_dir/previous/<time>/``, with one log
+    line.
+
+    Moved together: :data:`MODEL_FILES` (``model.pt`` with its ``model_settings.json`` and ``cases.json``, so the
+    three never describe two runs) and the earlier run's ``{prefix}_*.pt`` checkpoints. ``<time>`` is when the
+    earlier run last wrote one of them (``YYYYmmdd-HHMMSS``). Nothing is deleted: ``previous/`` is the user's to
+    clean. A resumed run (``resume`` loaded a checkpoint) moves nothing: the files are its own.
+
+    Without this, a fresh run that never validates (``val_interval`` > ``epochs``) would leave the earlier run's
+    ``model.pt`` in place under this run's name, with this run's settings next to it.
+
+    Args:
+        ckpt_dir: the checkpoint folder (``@ckpt_dir``).
+        resume: the run's :class:`ResumeFromCheckpoint` (nothing is moved once it has loaded a checkpoint), or
+            ``None``.
+        prefix: ``file_prefix`` of the trainer's checkpoint saver.
+        names: the model files to move with the checkpoints.
+        folder: the sub-folder of ``ckpt_dir`` that receives them.
+    """
+
+    def __init__(
+        self,
+        ckpt_dir: str | os.PathLike,
+        resume: ResumeFromCheckpoint | None = None,
+        prefix: str = "last",
+        names: Sequence[str] = MODEL_FILES,
+        folder: str = "previous",
+    ) -> None:
+        self.ckpt_dir = Path(ckpt_dir)
+        self.resume = resume
+        self.prefix = prefix
+        self.names = tuple(names)
+        self.folder = folder
+        self.started = False
+        #: where this run moved the earlier run's files (``None``: nothing to move, or resumed)
+        self.moved_to: Path | None = None
+        self.moved: list[str] = []
+
+    def attach(self, engine: Engine) -> None:
+        if not engine.has_event_handler(self, Events.STARTED):
+            engine.add_event_handler(Events.STARTED, self)
+
+    def earlier_files(self) -> list[Path]:
+        """The files an earlier run left in ``ckpt_dir`` (model files first, then its checkpoints)."""
+        if not self.ckpt_dir.is_dir():
+            return []
+        checkpoint = re.compile(rf"^{re.escape(self.prefix)}_.+\.pt$")
+        found = [self.ckpt_dir / n for n in self.names if (self.ckpt_dir / n).is_file()]
+        found += sorted(p for p in self.ckpt_dir.iterdir() if p.is_file() and checkpoint.match(p.name))
+        return found
+
+    def __call__(self, engine: Engine) -> None:
+        self.started = True
+        if not is_main_process() or (self.resume is not None and self.resume.loaded_path is not None):
+            return
+        files = self.earlier_files()
+        if not files:
+            return
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(max(p.stat().st_mtime for p in files)))
+        target = self.ckpt_dir / self.folder / stamp
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.ckpt_dir / self.folder / f"{stamp}-{n}"
+        target.mkdir(parents=True)
+        for path in files:
+            os.replace(path, target / path.name)
+        self.moved_to, self.moved = target, [p.name for p in files]
+        engine.logger.warning(
+            f"This run starts from scratch: the earlier run's {', '.join(self.moved)} moved to {target} "
+            "(--resume True continues a run instead of starting a new one)"
+        )

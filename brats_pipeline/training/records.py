@@ -1,7 +1,12 @@
-"""JSON records a training run writes next to its weights when it starts: which cases it trained and selected on.
+"""JSON records a training run writes next to its weights, together with ``model.pt``: which cases it trained and
+selected on.
 
 :class:`CaseRecord` makes a training run write down which cases it trained on and selected on (``models/cases.json``),
 so that an evaluation can check exactly whether its cases are held out instead of inferring it from the fold.
+:class:`~brats_pipeline.training.run.TrainingRun` writes it, and ``model_settings.json``
+(:class:`~brats_pipeline.bundle.settings.ModelSettingsRecord`), each time it writes ``model.pt`` (the best-metric save
+or the final model), just before the weights take their name: the three files always describe one run, and a run that
+writes no ``model.pt`` writes neither.
 """
 
 from __future__ import annotations
@@ -12,14 +17,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ignite.engine import Engine, Events
 from monai.utils import look_up_option
 
 from brats_pipeline.atomic_files import write_json_atomic
 from brats_pipeline.data.layouts import entry_case_id
 from brats_pipeline.training.checkpointing import is_main_process
 
-__all__ = ["StartRecord", "CaseRecord", "read_case_record", "CASE_RECORD_NAME"]
+__all__ = ["JsonRecord", "CaseRecord", "read_case_record", "CASE_RECORD_NAME"]
 
 #: file a training run writes next to its checkpoints (see :class:`CaseRecord`)
 CASE_RECORD_NAME = "cases.json"
@@ -29,36 +33,31 @@ def case_ids(items: Sequence[Mapping[str, Any]] | None) -> list[str]:
     return sorted({entry_case_id(item) for item in items or () if isinstance(item, Mapping)})
 
 
-class StartRecord:
-    """Trainer handler: when training starts, write ``self.record`` as JSON to ``self.path`` (rank 0, atomically).
+class JsonRecord:
+    """A JSON file that describes ``model.pt``: ``record`` written to ``path`` (rank 0, atomically) when called.
 
     Subclasses set ``path`` and ``record``: :class:`CaseRecord` here, ``ModelSettingsRecord`` in
-    :mod:`brats_pipeline.bundle.settings`.
+    :mod:`brats_pipeline.bundle.settings`. ``TrainingRun`` calls them when it writes ``model.pt``.
     """
 
     path: Path
     record: dict[str, Any]
 
-    def attach(self, engine: Engine) -> None:
-        if not engine.has_event_handler(self, Events.STARTED):
-            engine.add_event_handler(Events.STARTED, self)
-
-    def __call__(self, engine: Engine | None = None) -> Path:
+    def __call__(self, engine: Any = None) -> Path:
         if is_main_process():
             write_json_atomic(self.record, self.path)
         return self.path
 
 
-class CaseRecord(StartRecord):
-    """Trainer handler: when training starts, write which cases it trains on and which choose the model.
-
-    Writes ``ckpt_dir/cases.json`` (rank 0, atomically)::
+class CaseRecord(JsonRecord):
+    """Which cases a model was trained on and which chose it: ``ckpt_dir/cases.json``, written (rank 0, atomically)
+    when called, which ``TrainingRun`` does each time it writes ``model.pt``::
 
         {"trained_on": [case ids], "selected_on": [case ids], "model_selection": "best <key metric>" | "final",
          "dataset_dir": ..., "fold": ..., "num_folds": ...}
 
     :func:`evaluation_plan` reads it to tell exactly which scored cases a model has seen. Only a training run writes
-    it (the handler sits on the trainer, which evaluation and inference never run).
+    it, and only with a ``model.pt`` (evaluation and inference never do).
 
     Args:
         ckpt_dir: the checkpoint folder (``@ckpt_dir``).
