@@ -20,7 +20,13 @@ from brats_pipeline.data.screening import CaseFailureReport, ScreenedCases, scre
 from brats_pipeline.inference.inferer import BratsInferer, cpu_has_native_bf16
 from brats_pipeline.tools.synthetic import generate_dataset
 from brats_pipeline.training.run import parameter_groups
-from brats_pipeline.transforms.labels import ClassesToLabel, ClassesToLabeld, RegionsToLabel, RegionsToLabeld
+from brats_pipeline.transforms.labels import (
+    ClassesToLabel,
+    ClassesToLabeld,
+    RegionsToLabel,
+    RegionsToLabeld,
+    label_to_regions,
+)
 from brats_pipeline.transforms.preprocessing import LoadCased, ReorderChannelsd, ThreadedNibabelReader
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,3 +143,26 @@ def test_shipped_configs_use_the_components(bundle):
     for name in ("train", "inference", "evaluate"):
         head = configs[name]["initialize"][0]
         assert head == {"_target_": "brats_pipeline.bundle.command_line.guard_bundle_run", "_requires_": "@bundle_code"}
+
+
+@pytest.mark.parametrize("bundle", BUNDLES)
+def test_validation_scores_the_regions_of_the_written_label_map(bundle, tiny_workflow):
+    """The shipped validation postprocessing (also the quickstart's held-out table) gives the regions of the label
+    map the bundle writes, which the challenge and ``brats-score`` score: segresnet_vae's sigmoid channels are nested
+    first (a TC that misses ET voxels once scored TC 0.871 where the label map scored 0.819)."""
+    workflow = tiny_workflow(bundle)
+    post = workflow.parser.get_parsed_content("validate#postprocessing")
+    to_label = workflow.parser.get_parsed_content("to_label")
+    discretize = workflow.parser.get_parsed_content("discretize")
+    channels = 3 if bundle == "segresnet_vae" else 4
+    pred = torch.rand(channels, 12, 10, 8, generator=torch.Generator().manual_seed(0))
+    if bundle == "segresnet_vae":
+        pred[0, :6] = 0.0  # TC misses half of ET: the written map's TC holds it
+        pred[2, :6] = 1.0
+    label = label_to_regions(torch.randint(0, 4, (1, 12, 10, 8)), "brats2023")
+    out = post({"pred": pred.clone(), "label": label})
+    written = to_label(discretize({"pred": pred.clone()}))["pred_label"]
+    expected = label_to_regions(written, "brats2023")
+    assert torch.equal(torch.as_tensor(out["pred"]), expected)
+    for i, region in enumerate(("tc", "wt", "et")):
+        assert torch.equal(torch.as_tensor(out[f"pred_{region}"])[0], expected[i])

@@ -9,7 +9,8 @@ archive unpacks into can be given as is); an MSD ``dataset.json`` makes it ``msd
 Bad cases: a case folder that lacks a modality, holds two files for one, or a folder of NIfTI files next to the
 case folders whose name does not follow the layout, and (with ``check_files``) any file that fails the header
 checks of :mod:`brats_pipeline.data.screening`. :func:`build_datalist` (training) raises one
-:class:`~brats_pipeline.data.screening.BadCasesError` that lists every bad case; ``find_cases(keep_bad_cases=True)``
+:class:`~brats_pipeline.data.screening.BadCasesError` that lists every bad case (with ``check_labels``, bad label
+values of the other cases too); ``find_cases(keep_bad_cases=True)``
 (inference) returns them as entries that carry their error, which
 :func:`brats_pipeline.data.screening.screen_cases` reports and skips.
 
@@ -50,7 +51,14 @@ from brats_pipeline.data.layouts import (
     layout_of_case,
     split_nifti_suffix,
 )
-from brats_pipeline.data.screening import CASE_ERROR_KEY, BadCasesError, CaseError, DatasetError, check_case
+from brats_pipeline.data.screening import (
+    CASE_ERROR_KEY,
+    BadCasesError,
+    CaseError,
+    DatasetError,
+    check_case,
+    check_label,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -262,7 +270,9 @@ def _duplicate_errors(cases: list[dict]) -> tuple[list[dict], list[CaseError]]:
     return list(seen.values()), errors
 
 
-def find_cases(dataset_dir: str | os.PathLike, check_files: bool = True, keep_bad_cases: bool = False) -> list[dict]:
+def find_cases(
+    dataset_dir: str | os.PathLike, check_files: bool = True, keep_bad_cases: bool = False, check_labels: bool = False
+) -> list[dict]:
     """All cases under ``dataset_dir``, sorted by case id, in one recognised layout.
 
     Args:
@@ -272,6 +282,10 @@ def find_cases(dataset_dir: str | os.PathLike, check_files: bool = True, keep_ba
         keep_bad_cases: return each unusable case (a missing or doubled modality, a stray folder, a case id seen
             twice, a failed header check) as an entry ``{"case_id", ..., "case_error": {"file", "reason"}}``
             instead of raising, for :func:`brats_pipeline.data.screening.screen_cases` to report and skip.
+        check_labels: when some cases are unusable (and without ``keep_bad_cases``), also check the label values
+            of the others (:func:`~brats_pipeline.data.screening.check_label`) before raising, so that one error
+            lists every bad case. Otherwise the values are left to the caller (training checks every label file
+            when it starts, :func:`~brats_pipeline.training.guards.check_label_files`), so they are read once.
 
     Returns:
         entries ``{"case_id", "image", "label"?, "layout", "label_convention", "channel_order"? (MSD)}`` with
@@ -326,10 +340,22 @@ def find_cases(dataset_dir: str | os.PathLike, check_files: bool = True, keep_ba
             case = e.as_entry(**{k: v for k, v in case.items() if k != "case_id"})
         entries.append(case)
     if errors and not keep_bad_cases:
+        if check_labels:
+            errors += _label_errors([case for case in entries if CASE_ERROR_KEY not in case])
         if len(errors) == 1:
             raise errors[0]
         raise BadCasesError(sorted(errors, key=lambda e: e.case_id), root)
     return sorted(entries, key=lambda c: c["case_id"])
+
+
+def _label_errors(entries: list[dict]) -> list[CaseError]:
+    errors = []
+    for entry in entries:
+        try:
+            check_label(entry)
+        except CaseError as e:
+            errors.append(e)
+    return errors
 
 
 def _num_validation(num_validation: int | float, num_labelled: int) -> int:
@@ -352,6 +378,7 @@ def build_datalist(
     seed: int = 0,
     check_files: bool = True,
     keep_bad_cases: bool = False,
+    check_labels: bool = False,
 ) -> dict:
     """Decathlon-style datalist of ``dataset_dir`` with a seeded cross-validation split.
 
@@ -364,6 +391,8 @@ def build_datalist(
         keep_bad_cases: list the unusable cases under ``"bad_cases"`` (entries carrying their error, see
             :func:`find_cases`) instead of raising; they take no part in the split. Off for training, which must
             not start on a dataset with bad cases.
+        check_labels: list bad label values with the other bad cases (:func:`find_cases`); training passes its
+            ``check_labels``.
 
     Returns:
         ``{"name", "dataset_dir", "layout", "label_convention", "channels", "num_folds", "seed", "training",
@@ -376,7 +405,7 @@ def build_datalist(
     num_folds = int(num_folds)
     if num_folds < 1:
         raise ValueError(f"num_folds must be at least 1, got {num_folds}")
-    found = find_cases(dataset_dir, check_files=check_files, keep_bad_cases=keep_bad_cases)
+    found = find_cases(dataset_dir, check_files, keep_bad_cases, check_labels)
     cases = [c for c in found if CASE_ERROR_KEY not in c]
     bad_cases = [c for c in found if CASE_ERROR_KEY in c]
     labelled = [c for c in cases if "label" in c]
@@ -417,7 +446,7 @@ def main(
     seed: int = 0,
 ) -> None:
     """Command line: scan ``dataset_dir`` and write its datalist to ``output_file``."""
-    d = build_datalist(dataset_dir, output_file, num_folds, num_validation, seed)
+    d = build_datalist(dataset_dir, output_file, num_folds, num_validation, seed, check_labels=True)
     print(
         f"{output_file}: {len(d['training'])} training ({d['num_folds']} folds), {len(d['validation'])} validation, "
         f"{len(d['testing'])} testing cases; layout {d['layout']}, labels {d['label_convention']}"

@@ -62,7 +62,7 @@ from brats_pipeline.atomic_files import write_json_atomic
 from brats_pipeline.data.layouts import CHANNELS, case_id_from_path, entry_case_id, is_nifti
 from brats_pipeline.transforms.labels import LabelConventionError, check_label_values
 
-__all__ = ["ScreenedCases", "AFFINE_ATOL", "CASE_ERROR_KEY", "BadCasesError", "CaseError", "DatasetError", "NiftiInfo", "check_case", "inspect_nifti", "CaseFailure", "CaseFailureReport", "CasesFailedError", "screen_cases"]
+__all__ = ["ScreenedCases", "AFFINE_ATOL", "CASE_ERROR_KEY", "BadCasesError", "CaseError", "DatasetError", "NiftiInfo", "check_case", "check_label", "inspect_nifti", "CaseFailure", "CaseFailureReport", "CasesFailedError", "screen_cases"]
 
 #: tolerance (mm) when comparing the affines of one case's files
 AFFINE_ATOL = 1e-3
@@ -290,14 +290,24 @@ def check_case(entry: Mapping, check_data: bool = True) -> None:
         for path in image:
             _check_values(_load(str(path), case_id), str(path), case_id)
     if label:
-        data = _load(str(label), case_id)
-        if data.dtype.kind == "f" and not np.isfinite(data).all():
-            raise CaseError(case_id, label, f"{int((~np.isfinite(data)).sum())} NaN/Inf voxels in the label")
-        if entry.get("label_convention"):
-            try:
-                check_label_values(data, entry["label_convention"], source=str(label))
-            except LabelConventionError as e:
-                raise CaseError(case_id, label, str(e).split(": ", 1)[-1]) from None
+        check_label(entry)
+
+
+def check_label(entry: Mapping) -> None:
+    """Check the values of one entry's label file (if it has one): no NaN/Inf, and only values of the entry's
+    ``label_convention`` (when it names one); raise :class:`CaseError` naming the case, the file and the reason."""
+    label = entry.get("label")
+    if not label:
+        return
+    case_id = entry_case_id(entry)
+    data = _load(str(label), case_id)
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        raise CaseError(case_id, label, f"{int((~np.isfinite(data)).sum())} NaN/Inf voxels in the label")
+    if entry.get("label_convention"):
+        try:
+            check_label_values(data, entry["label_convention"], source=str(label))
+        except LabelConventionError as e:
+            raise CaseError(case_id, label, str(e).split(": ", 1)[-1]) from None
 
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
@@ -422,6 +432,9 @@ class CaseFailureReport:
         engine.add_event_handler(Events.GET_BATCH_COMPLETED, self._batch_completed)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
         engine.add_event_handler(Events.EXCEPTION_RAISED, self._exception_raised)
+        from brats_pipeline.bundle.command_line import InterruptGuard  # here: command_line imports this module
+
+        InterruptGuard().attach(engine)  # a Ctrl-C is no bad case
 
     def _batch_started(self, engine: Engine) -> None:
         self._loading = True
@@ -435,6 +448,8 @@ class CaseFailureReport:
         self._current = []
 
     def _exception_raised(self, engine: Engine, error: BaseException) -> None:
+        if not isinstance(error, Exception):  # an interrupt (Ctrl-C), not the case's failure
+            raise error
         if error is self._handled:  # Ignite fires EXCEPTION_RAISED again as the exception leaves the epoch
             raise error
         self._handled = error

@@ -3,7 +3,8 @@
 * :class:`NonFiniteLossGuard` stops a MONAI trainer at the first NaN/Inf loss (before ``backward()``) or gradient
   (before ``optimizer.step()``), so the weights in memory and the last epoch checkpoint are still the last good ones.
 * :func:`check_label_files` reads every label file once before training and rejects values outside the label
-  convention (e.g. BraTS 2023's ET = 3 under ``brats2018``), instead of failing hours later in a worker.
+  convention (e.g. BraTS 2023's ET = 3 under ``brats2018``), instead of failing hours later in a worker; one error
+  lists every bad file.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from monai.data import MetaTensor
 from monai.engines.utils import IterationEvents
 from tqdm import tqdm
 
-from brats_pipeline.transforms.labels import LabelConvention, check_label_values, distinct_values
+from brats_pipeline.transforms.labels import LabelConvention, LabelConventionError, check_label_values, distinct_values
 
 __all__ = ["NonFiniteLossError", "NonFiniteLossGuard", "batch_case_names", "label_values", "check_label_files"]
 
@@ -177,7 +178,8 @@ def check_label_files(
         progress: show a tqdm progress bar.
 
     Raises:
-        LabelConventionError: naming the first file (in datalist order) holding a value outside the convention.
+        LabelConventionError: naming the file holding values outside the convention; when several files do, one
+            error lists every one of them (the first file's error type: a value no convention has is corrupt).
         FileNotFoundError: a label file is missing.
     """
     paths = _label_paths(items, label_key, base_dir)
@@ -185,19 +187,31 @@ def check_label_files(
     bar = tqdm(
         total=len(paths), desc="checking label files", unit="file", disable=not progress or not sys.stderr.isatty()
     )
+    errors: list[LabelConventionError] = []
+
+    def check(path: str, values: np.ndarray) -> None:
+        try:
+            check_label_values(values, convention, source=path)
+        except LabelConventionError as e:
+            errors.append(e)
+        bar.update()
+
     try:
         if num_workers > 0:
             pool = ThreadPoolExecutor(num_workers)
             try:
                 for path, values in zip(paths, pool.map(label_values, paths), strict=True):
-                    check_label_values(values, convention, source=path)
-                    bar.update()
+                    check(path, values)
             finally:
                 pool.shutdown(wait=True, cancel_futures=True)
         else:
             for path in paths:
-                check_label_values(label_values(path), convention, source=path)
-                bar.update()
+                check(path, label_values(path))
     finally:
         bar.close()
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        lines = [f"{len(errors)} label files hold values outside the convention; fix or remove them:"]
+        raise type(errors[0])("\n".join(lines + [f"  - {e}" for e in errors]), source=errors[0].source)
     logger.info("checked %d label files against the %s convention", len(paths), getattr(convention, "name", convention))

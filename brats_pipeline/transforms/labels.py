@@ -297,6 +297,37 @@ def classes_to_regions(classes: NdarrayOrTensor, include_rc: bool = False) -> to
     return torch.stack([tc, wt, et] + ([cls == 4] if include_rc else [])).float()
 
 
+def nest_regions(regions: NdarrayOrTensor) -> torch.Tensor:
+    """Binary regions ``(3|4, *spatial)`` (TC, WT, ET[, RC]) -> the regions that the label map written from them
+    holds: ``ET``, ``TC | ET``, ``WT | TC | ET`` (and ``RC`` outside them), float.
+
+    Sigmoid networks predict each region on its own channel, so their TC may miss voxels of their ET; the label map
+    (:func:`regions_to_label`) nests them, and the challenge scores the regions of that map. This is
+    ``label_to_regions(regions_to_label(regions))`` without building the map. Metadata of a ``MetaTensor`` is kept.
+    """
+    reg = torch.as_tensor(regions) > 0.5
+    if reg.shape[0] not in (3, 4):
+        raise ValueError(f"expected regions (3 or 4, *spatial), got shape {tuple(reg.shape)}")
+    tc = reg[0] | reg[2]
+    wt = reg[1] | tc
+    channels = [tc, wt, reg[2]] + ([reg[3] & ~wt] if reg.shape[0] == 4 else [])
+    out = torch.stack(channels).float()
+    if isinstance(regions, MetaTensor):
+        out = MetaTensor(out, meta=regions.meta, applied_operations=regions.applied_operations)
+    return out
+
+
+class NestRegionsd(MapTransform):
+    """Dictionary transform: each key's binary regions nested as the written label map holds them
+    (:func:`nest_regions`), so that validation scores what the challenge scores."""
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = nest_regions(d[key])
+        return d
+
+
 class _LabelTod(MapTransform):
     """Dictionary form of :func:`label_to_regions` / :func:`label_to_classes`: each key's dataset label map converted
     to float targets, validated against ``convention`` (plus RC where ``include_rc``)."""
@@ -456,6 +487,8 @@ __all__: Sequence[str] = (
     "regions_to_label",
     "classes_to_label",
     "classes_to_regions",
+    "nest_regions",
+    "NestRegionsd",
     "LabelToRegionsd",
     "LabelToClassesd",
     "RegionsToLabel",
