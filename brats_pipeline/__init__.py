@@ -4,4 +4,4 @@ bundle). The networks live in :mod:`custom_networks`. Map: ``docs/architecture.m
 """
 
 #: the version of both bundles (``bundles/*/configs/metadata.json``), which this package ships
-__version__ = "0.4.0"
+__version__ = "0.5.0"
