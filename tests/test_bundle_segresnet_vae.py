@@ -421,7 +421,7 @@ def test_model_card_names_existing_configs():
     assert {"configs/train.json", "configs/evaluate.json", "configs/multi_gpu_train.json"} <= named
     missing = [n for n in named if not (REPO / n).is_file() and not (BUNDLE / n).is_file()]
     assert not missing, missing
-    assert re.search(r"Quickstart \(synthetic data.*held-out Dice WT \d\.\d+", text), (
+    assert re.search(r"Quickstart \(synthetic data.*held-out mean Dice \d\.\d+ \(WT \d\.\d+", text), (
         "the model card reports the measured quickstart Dice"
     )
 
