@@ -36,6 +36,7 @@ ESP_CODE = REPO / "configs" / "espnet_code_protocol.json"
 ESP_CODE_TEST = REPO / "configs" / "espnet_code_test.json"
 WIDTH = 8
 
+
 #: keys proposed for both bundles' evaluate.json (see the report of issue 15 / docs/experiments.md)
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
@@ -459,7 +460,10 @@ def test_espnet_code_protocol_trains_on_all_and_selects_on_the_separate_folder(s
     wf = workflow("espnet3d", [ESP_CODE], tmp_path, synthetic_dataset, epochs=1, batch_size=2, epoch_passes=[24],
                   val_dataset_dir=str(held))  # fmt: skip
     assert len(wf.parser.get_parsed_content("train_files")) == 4
-    assert [c["case_id"] for c in wf.parser.get_parsed_content("val_files")] == ["BraTS-GLI-00701-000", "BraTS-GLI-00702-000"]
+    assert [c["case_id"] for c in wf.parser.get_parsed_content("val_files")] == [
+        "BraTS-GLI-00701-000",
+        "BraTS-GLI-00702-000",
+    ]
     wf.run()
     evaluator = wf.parser.get_parsed_content("validate#evaluator")
     assert evaluator.state.key_metric_name == "val_mean_iou" and "val_mean_dice" in evaluator.state.metrics
@@ -495,4 +499,3 @@ def test_espnet_paper_protocol_selects_by_miou_on_the_withheld_fold(synthetic_da
     evaluator = parser.get_parsed_content("validate#evaluator")
     assert evaluator.state.key_metric_name == "val_mean_iou"
     assert read_case_record(tmp_path / "models")["model_selection"] == "best val_mean_iou"
-

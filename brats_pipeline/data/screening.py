@@ -42,6 +42,7 @@ A failure that still happens during the run (out of memory, a disk full while wr
 report's Ignite handler with the case it hit and the cases not reached; Ignite then ends the run as usual, and
 the command exits non-zero.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -62,7 +63,22 @@ from brats_pipeline.atomic_files import write_json_atomic
 from brats_pipeline.data.layouts import CHANNELS, case_id_from_path, entry_case_id, is_nifti
 from brats_pipeline.transforms.labels import LabelConventionError, check_label_values
 
-__all__ = ["ScreenedCases", "AFFINE_ATOL", "CASE_ERROR_KEY", "BadCasesError", "CaseError", "DatasetError", "NiftiInfo", "check_case", "check_label", "inspect_nifti", "CaseFailure", "CaseFailureReport", "CasesFailedError", "screen_cases"]
+__all__ = [
+    "ScreenedCases",
+    "AFFINE_ATOL",
+    "CASE_ERROR_KEY",
+    "BadCasesError",
+    "CaseError",
+    "DatasetError",
+    "NiftiInfo",
+    "check_case",
+    "check_label",
+    "inspect_nifti",
+    "CaseFailure",
+    "CaseFailureReport",
+    "CasesFailedError",
+    "screen_cases",
+]
 
 #: tolerance (mm) when comparing the affines of one case's files
 AFFINE_ATOL = 1e-3
@@ -577,4 +593,3 @@ class ScreenedCases:
         if self._cases is None:
             self._cases = screen_cases(self.entries, strict=self.strict, report=self.report)
         return self._cases
-
